@@ -1,0 +1,25 @@
+"""Linear datamodeling score of influence-function curvature strategies.
+
+Usage::
+
+    python -m experiments.lds.main --config=experiments/lds/configs/default.py[:tiny] --workdir=DIR
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.lds.pipeline import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment configuration file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for stages, results.json and figures")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

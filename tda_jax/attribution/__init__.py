@@ -1,0 +1,10 @@
+"""Attribution methods. Influence functions: pairwise and self-influence scores.
+
+Sign convention for every method: a positive score means training on the example pushes the
+query's measurement up; scores are not divided by the number of training examples.
+"""
+
+from tda_jax.attribution.influence import pairwise_scores, query_gradients, self_scores
+from tda_jax.curvature import Curvature, fit_curvature
+
+__all__ = ["Curvature", "fit_curvature", "pairwise_scores", "query_gradients", "self_scores"]

@@ -1,0 +1,285 @@
+"""Fitting curvature estimates: sharded passes over the training data, then host-side factorisations.
+
+:func:`fit_curvature` runs the passes a strategy needs (see
+:data:`tda_jax.curvature.strategies.REQUIRED_PASSES`). Each pass jits one step, shards every batch
+over the ``"data"`` axis of a mesh (one device by default), sums the statistics locally and reduces
+them with one ``psum`` per statistic, then adds the batch totals on the host side of the loop. Factors
+therefore do not depend on the batch size or the device count beyond float reassociation.
+
+Eigendecompositions (and the dense Cholesky factorisation of ``exact``) run on the host in
+``eigh_dtype`` (float64 by default) so results are deterministic.
+
+With ``stage_dir`` the statistics of each pass are saved as they finish (with the arguments that
+produced them); a rerun reuses finished passes and refuses different arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from jax.sharding import PartitionSpec as P
+
+from tda_jax.capture.layers import ApplyFn, LayerSpec, check_coverage, output_shapes
+from tda_jax.capture.statistics import layer_gradients, layer_statistics
+from tda_jax.curvature.fisher import check_fisher_type, fisher_cotangents
+from tda_jax.curvature.strategies import (
+    REQUIRED_PASSES,
+    check_strategy,
+    covariance_statistics,
+    default_damping,
+    squared_gradient_statistics,
+)
+from tda_jax.data import Dataset, batch_iterator, num_examples
+from tda_jax.io import Stage
+from tda_jax.losses import Loss
+from tda_jax.progress import progress
+from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh
+
+Array = jax.Array
+Params = Any
+
+
+class Curvature(NamedTuple):
+    """A fitted curvature estimate.
+
+    Attributes:
+      strategy: ``"identity"``, ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or ``"exact"``.
+      specs: tracked layers in a fixed order.
+      factors: per-layer arrays (``{"eigvecs_A", "eigvals_A", "eigvecs_G", "eigvals_G", "lambda"}``
+        for EK-FAC, ``{"diagonal"}`` for diagonal, ...); for ``exact`` a single entry ``"__dense__"``
+        holding ``{"cholesky"}`` of ``F + damping I`` (host float64) and ``{"trace_mean"}``.
+      damping: per-layer damping actually used (``"__dense__"`` for exact).
+      settings: the arguments that produced the estimate (saved with it).
+    """
+
+    strategy: str
+    specs: tuple[LayerSpec, ...]
+    factors: dict[str, dict[str, Any]]
+    damping: dict[str, float]
+    settings: dict[str, Any]
+
+
+def fingerprint(*trees: Any) -> str:
+    """A short content hash of arrays (params, data) recorded in saved arguments."""
+    digest = hashlib.sha1()
+    for tree in trees:
+        for leaf in jax.tree.leaves(tree):
+            arr = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(str(arr.shape).encode())
+            digest.update(str(arr.dtype).encode())
+            digest.update(arr.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def discover_layers(apply_fn: ApplyFn, params: Params, dataset: Dataset,
+                    allow_untracked: bool = False) -> tuple[LayerSpec, ...]:
+    """Tracked layers of the model (checked against the parameters and one example batch)."""
+    n = num_examples(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty (0 examples); attribution needs at least one.")
+    sample = jnp.asarray(np.asarray(dataset.inputs[:1]))
+    specs, _, out = output_shapes(apply_fn, params, sample)
+    check_coverage(params, specs, allow_untracked)
+    if getattr(out, "ndim", 2) != 2:
+        raise ValueError(f"apply_fn must return outputs of shape [batch, outputs]; got {out.shape}.")
+    return tuple(specs[name] for name in sorted(specs))
+
+
+def _check_finite(nonfinite: Array, batch: dict, what: str) -> None:
+    if int(nonfinite) > 0:
+        rows = batch["index"][batch["mask"] > 0]
+        raise FloatingPointError(
+            f"non-finite {what} in the batch holding examples {int(rows.min())}..{int(rows.max())}; "
+            "check the data (NaN/inf inputs) and the parameters."
+        )
+
+
+def run_pass(step_fn: Callable[[Params, Any, dict], dict], params: Params, extra: Any,
+             dataset: Dataset, batch_size: int, mesh: jax.sharding.Mesh | None,
+             desc: str) -> dict:
+    """Sums ``step_fn(params, extra, local_batch)`` over the dataset, sharded over ``"data"``.
+
+    ``step_fn`` returns a dict of per-device partial sums plus ``"nonfinite"`` (a count); the sums are
+    reduced with one ``psum`` each. ``batch_size`` is rounded up to a multiple of the device count.
+    """
+    mesh = make_data_mesh(1) if mesh is None else mesh
+    devices = mesh.devices.size
+    batch_size = -(-batch_size // devices) * devices
+
+    def body(p, e, batch):
+        stats = step_fn(p, e, batch)
+        return jax.tree.map(lambda x: jax.lax.psum(x, DATA_AXIS), stats)
+
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=P()))
+    add = jax.jit(lambda x, y: jax.tree.map(jnp.add, x, y))
+    sharding = data_sharding(mesh)
+    total = None
+    for batch in progress(batch_iterator(dataset, batch_size), desc=desc,
+                          total=-(-num_examples(dataset) // batch_size)):
+        device_batch = jax.device_put(batch, sharding)
+        stats = step(params, extra, device_batch)
+        _check_finite(stats.pop("nonfinite"), batch, "loss outputs or gradients")
+        total = stats if total is None else add(total, stats)
+    return jax.tree.map(np.asarray, total)
+
+
+def _nonfinite(*arrays: Array) -> Array:
+    return sum(jnp.sum(~jnp.isfinite(x)) for x in arrays)
+
+
+def _fisher_step(loss: Loss, fisher: str, num_samples: int, apply_fn: ApplyFn,
+                 stats_fn: Callable[[dict, dict, Any, Array], dict]):
+    """A pass step: capture ``a``/``g`` under the chosen Fisher, then ``stats_fn`` per batch."""
+
+    def step(params, extra, batch):
+        key = extra.get("key") if isinstance(extra, dict) else None
+        cot = fisher_cotangents(loss, fisher, batch["targets"], batch["mask"], key=key,
+                                index=batch["index"], num_samples=num_samples)
+        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        stats = stats_fn(a, g, extra, batch["mask"])
+        stats["examples"] = jnp.sum(batch["mask"])
+        stats["nonfinite"] = _nonfinite(outputs, *g.values())
+        return stats
+
+    return step
+
+
+def _eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    vals, vecs = np.linalg.eigh(np.asarray(matrix, dtype=dtype))
+    return np.clip(vals, 0.0, None).astype(np.float32), vecs.astype(np.float32)
+
+
+def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *, strategy: str = "ekfac",
+                  loss: Loss, fisher: str = "expected", num_samples: int = 1,
+                  damping: float | None = None, batch_size: int = 256,
+                  mesh: jax.sharding.Mesh | None = None, key: Array | None = None,
+                  allow_untracked: bool = False, eigh_dtype: str = "float64",
+                  stage_dir: str | None = None) -> Curvature:
+    """Fits a curvature estimate of the training loss for influence functions.
+
+    Args:
+      apply_fn: ``(params, inputs [B, ...]) -> outputs [B, C]``, e.g.
+        ``lambda p, x: model.apply({"params": p}, x)`` for an unmodified Flax model.
+      params: the trained parameters.
+      train: training examples (``tda_jax.data.Dataset``).
+      strategy: ``"identity"``, ``"diagonal"``, ``"kfac"``, ``"ekfac"`` or ``"exact"`` (dense,
+        for small models: ``P x P`` memory).
+      loss: the per-example training loss (:mod:`tda_jax.losses`).
+      fisher: ``"expected"`` (exact expectation over the predictive distribution, = GGN),
+        ``"sampled"`` (true Fisher with ``num_samples`` sampled labels) or ``"empirical"``.
+      num_samples: labels sampled per example when ``fisher="sampled"``.
+      damping: absolute damping added to the curvature, or None for ``0.1 x`` the mean eigenvalue of
+        each layer (of the whole matrix for ``exact``).
+      batch_size: examples per step (rounded up to a multiple of the device count); does not
+        change the result.
+      mesh: a mesh with a ``"data"`` axis to shard batches over; default one device.
+      key: PRNG key (required for ``fisher="sampled"``).
+      allow_untracked: leave parameters outside tracked layers out instead of raising.
+      eigh_dtype: host dtype for eigendecompositions / Cholesky.
+      stage_dir: if given, save each pass's statistics there and reuse them on rerun.
+
+    Returns:
+      A :class:`Curvature`.
+
+    Raises:
+      ValueError: unknown strategy/Fisher, empty data, untracked parameters, bad damping, or a
+        ``stage_dir`` holding results of other arguments.
+      FloatingPointError: non-finite outputs or gradients (names the examples).
+    """
+    check_strategy(strategy)
+    check_fisher_type(fisher)
+    if fisher == "sampled" and key is None:
+        raise ValueError("fisher='sampled' needs key=jax.random.key(...).")
+    if damping is not None and damping < 0:
+        raise ValueError(f"damping must be >= 0 or None, got {damping}.")
+    specs = discover_layers(apply_fn, params, train, allow_untracked)
+    settings = {
+        "strategy": strategy, "loss": loss.name, "fisher": fisher,
+        "num_samples": num_samples if fisher == "sampled" else None, "damping": damping,
+        "eigh_dtype": eigh_dtype, "num_train": num_examples(train),
+        "key": None if key is None else [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()],
+        "params_fingerprint": fingerprint(params), "data_fingerprint": fingerprint(train.inputs,
+                                                                                   train.targets),
+        "layers": [s.name for s in specs],
+    }
+    stage = Stage(stage_dir, settings) if stage_dir is not None else None
+    extra: dict[str, Any] = {"key": key} if key is not None else {}
+
+    def cached_pass(name, step, extra_args):
+        if stage is not None and stage.has(name):
+            return stage.load_arrays(name)
+        stats = run_pass(step, params, extra_args, train, batch_size, mesh, desc=f"{strategy}:{name}")
+        flat = _flatten_stats(stats)
+        if stage is not None and not stage.is_complete():
+            stage.save_arrays(name, flat)
+        return flat
+
+    factors: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
+    damping_used: dict[str, float] = {}
+    for pass_name in REQUIRED_PASSES[strategy]:
+        if pass_name == "covariance":
+            def stats_fn(a, g, extra_args, mask):
+                return {n: covariance_statistics(a[n], g[n], mask) for n in a}
+            stats = cached_pass("covariance", _fisher_step(loss, fisher, num_samples, apply_fn,
+                                                           stats_fn), extra)
+            count = float(stats["examples"])
+            for s in specs:
+                vals_a, vecs_a = _eigh(stats[f"{s.name}::A"] / count, eigh_dtype)
+                vals_g, vecs_g = _eigh(stats[f"{s.name}::G"] / count, eigh_dtype)
+                factors[s.name].update(eigvals_A=vals_a, eigvecs_A=vecs_a, eigvals_G=vals_g,
+                                       eigvecs_G=vecs_g)
+                damping_used[s.name] = default_damping(vals_a.mean() * vals_g.mean(), damping)
+        elif pass_name in ("lambda", "diagonal"):
+            bases = {s.name: (jnp.asarray(factors[s.name]["eigvecs_A"]),
+                              jnp.asarray(factors[s.name]["eigvecs_G"]))
+                     for s in specs} if pass_name == "lambda" else None
+
+            def stats_fn(a, g, extra_args, mask, bases_given=pass_name == "lambda"):
+                return {n: squared_gradient_statistics(
+                    a[n], g[n], *(extra_args["bases"][n] if bases_given else (None, None)))
+                    for n in a}
+            args = dict(extra, bases=bases) if bases is not None else extra
+            stats = cached_pass(pass_name, _fisher_step(loss, fisher, num_samples, apply_fn,
+                                                        stats_fn), args)
+            count = float(stats["examples"])
+            for s in specs:
+                values = (stats[s.name] / count).astype(np.float32)
+                factors[s.name][pass_name] = values
+                damping_used[s.name] = default_damping(values.mean(), damping)
+        elif pass_name == "dense":
+            def stats_fn(a, g, extra_args, mask):
+                rows = [jnp.reshape(layer_gradients(a[s.name], g[s.name]),
+                                    (-1, s.num_params)) for s in specs]
+                jac = jnp.concatenate(rows, axis=1)
+                return {"F": jac.T @ jac}
+            stats = cached_pass("dense", _fisher_step(loss, fisher, num_samples, apply_fn,
+                                                      stats_fn), extra)
+            dense = np.asarray(stats["F"], dtype=eigh_dtype) / float(stats["examples"])
+            trace_mean = float(np.trace(dense)) / dense.shape[0]
+            used = default_damping(trace_mean, damping)
+            dense[np.diag_indices_from(dense)] += used
+            cholesky = scipy.linalg.cholesky(dense, lower=True, overwrite_a=True,
+                                             check_finite=False)
+            factors = {"__dense__": {"cholesky": cholesky, "trace_mean": trace_mean}}
+            damping_used = {"__dense__": used}
+    if stage is not None and not stage.is_complete():
+        stage.mark_complete()
+    return Curvature(strategy, specs, factors, damping_used, settings)
+
+
+def _flatten_stats(stats: dict) -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            for sub, arr in value.items():
+                flat[f"{key}::{sub}"] = np.asarray(arr)
+        else:
+            flat[key] = np.asarray(value)
+    return flat

@@ -1,0 +1,306 @@
+"""Pilot-run step-size tuning for HMC / MALA and for AIS schedules.
+
+Step sizes are adapted by dual averaging on ``log step_size`` (Nesterov 2009, as used for HMC by
+Hoffman & Gelman 2014) toward a target mean acceptance probability, averaging the acceptance
+probability over all pilot chains at each iteration (one shared step size). The returned step sizes
+must then be FROZEN: adapting during an AIS or MCMC run would make its transitions depend on the
+chain's own history, breaking invariance and hence the unbiasedness of AIS weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tda_jax.mcmc.ais import (
+    _broadcast_step_sizes,
+    _tempered_value_and_grad,
+    check_initial_positions,
+    check_kernel,
+    mcmc_transition,
+)
+from tda_jax.mcmc.hmc import Array, value_and_grad_of
+from tda_jax.mcmc.schedules import check_schedule
+
+LogDensityFn = Callable[[Array], Array]
+DEFAULT_TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.574}
+
+# Dual-averaging constants of Hoffman & Gelman (2014), Algorithm 5.
+_GAMMA, _T0, _KAPPA = 0.05, 10.0, 0.75
+
+
+class DualAveragingState(NamedTuple):
+    """Dual averaging on ``x = log step_size``: current iterate, averaged iterate, mean error."""
+
+    log_step_size: Array
+    log_step_size_avg: Array
+    error_avg: Array
+    iteration: Array
+
+
+def dual_averaging_init(log_step_size: Array) -> DualAveragingState:
+    """Starts dual averaging at ``log_step_size`` (scalar)."""
+    x = jnp.asarray(log_step_size, jnp.float32)
+    return DualAveragingState(x, x, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def dual_averaging_update(
+    state: DualAveragingState, acceptance: Array, target: float, mu: Array
+) -> DualAveragingState:
+    """One dual-averaging step given the observed mean acceptance probability.
+
+    ``mu`` is the point the iterates shrink toward (``log(10 * initial step size)``).
+    """
+    t = state.iteration + 1.0
+    eta = 1.0 / (t + _T0)
+    error_avg = (1.0 - eta) * state.error_avg + eta * (target - acceptance)
+    x = mu - jnp.sqrt(t) / _GAMMA * error_avg
+    weight = t**-_KAPPA
+    x_avg = weight * x + (1.0 - weight) * state.log_step_size_avg
+    return DualAveragingState(x, x_avg, error_avg, t)
+
+
+def _dual_averaging_run(
+    key,
+    positions,
+    value_and_grad_fn,
+    log_step_size0,
+    target,
+    num_pilot_steps,
+    num_integration_steps,
+    kernel,
+):
+    """Runs vmapped chains while adapting one shared step size; returns (log step, positions)."""
+    log_density, grads = jax.vmap(value_and_grad_fn)(positions)
+    mu = jnp.log(10.0) + log_step_size0
+
+    def step(carry, step_key):
+        z, ld, g, da = carry
+        keys = jax.random.split(step_key, z.shape[0])
+        step_size = jnp.exp(da.log_step_size).astype(z.dtype)
+
+        def transition(k, zi, ldi, gi):
+            return mcmc_transition(
+                k, zi, ldi, gi, value_and_grad_fn, step_size, num_integration_steps, kernel
+            )
+
+        z, ld, g, acc = jax.vmap(transition)(keys, z, ld, g)
+        da = dual_averaging_update(da, jnp.mean(acc).astype(jnp.float32), target, mu)
+        return (z, ld, g, da), None
+
+    init = (positions, log_density, grads, dual_averaging_init(log_step_size0))
+    (z, _, _, da), _ = jax.lax.scan(step, init, jax.random.split(key, num_pilot_steps))
+    return da.log_step_size_avg, z
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("log_density_fn", "kernel", "num_integration_steps", "num_pilot_steps"),
+)
+def _tune_step_size_jit(
+    key,
+    init_positions,
+    log_step_size0,
+    target,
+    *,
+    log_density_fn,
+    kernel,
+    num_integration_steps,
+    num_pilot_steps,
+):
+    return _dual_averaging_run(
+        key,
+        init_positions,
+        value_and_grad_of(log_density_fn),
+        log_step_size0,
+        target,
+        num_pilot_steps,
+        num_integration_steps,
+        kernel,
+    )[0]
+
+
+def _zero_log_density(position: Array) -> Array:
+    return jnp.zeros((), jnp.result_type(position))
+
+
+def _resolve_target(kernel: str, target_acceptance: float | None) -> float:
+    check_kernel(kernel)
+    target = DEFAULT_TARGET_ACCEPTANCE[kernel] if target_acceptance is None else target_acceptance
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"`target_acceptance` must lie in (0, 1), got {target}.")
+    return float(target)
+
+
+def _check_pilot(num_pilot_steps: int, initial_step_size: float) -> None:
+    if not isinstance(num_pilot_steps, (int, np.integer)) or num_pilot_steps < 1:
+        raise ValueError(f"`num_pilot_steps` must be a positive int, got {num_pilot_steps!r}.")
+    if not initial_step_size > 0:
+        raise ValueError(f"`initial_step_size` must be positive, got {initial_step_size}.")
+
+
+def tune_step_size(
+    key: Array,
+    init_positions: Array,
+    log_density_fn: LogDensityFn,
+    kernel: str = "hmc",
+    num_integration_steps: int = 10,
+    target_acceptance: float | None = None,
+    num_pilot_steps: int = 200,
+    initial_step_size: float = 0.1,
+) -> float:
+    """Pilot run that adapts one step size so the mean acceptance probability hits a target.
+
+    Runs ``C`` chains for ``num_pilot_steps`` transitions with dual averaging on the log step size
+    (acceptance averaged over chains); returns the averaged iterate. Freeze the result afterwards.
+
+    Args:
+      key: PRNG key.
+      init_positions: ``[C, D]`` starting points of the pilot chains.
+      log_density_fn: log target density, ``[D] -> scalar``.
+      kernel: ``"hmc"`` or ``"mala"`` (for MALA the step size is the Langevin time step).
+      num_integration_steps: leapfrog steps per HMC transition.
+      target_acceptance: default 0.65 for HMC, 0.574 for MALA.
+      num_pilot_steps: number of adaptation transitions.
+      initial_step_size: starting step size (dual averaging shrinks toward 10x this value).
+
+    Returns:
+      The tuned step size (Python float).
+    """
+    target = _resolve_target(kernel, target_acceptance)
+    _check_pilot(num_pilot_steps, initial_step_size)
+    check_initial_positions(init_positions, log_density_fn, _zero_log_density, "init_positions")
+    log_step = _tune_step_size_jit(
+        key,
+        init_positions,
+        jnp.log(jnp.float32(initial_step_size)),
+        jnp.float32(target),
+        log_density_fn=log_density_fn,
+        kernel=kernel,
+        num_integration_steps=num_integration_steps,
+        num_pilot_steps=num_pilot_steps,
+    )
+    return float(jnp.exp(log_step))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "log_prior_fn",
+        "log_likelihood_fn",
+        "kernel",
+        "num_integration_steps",
+        "num_pilot_steps",
+    ),
+)
+def _tune_anchors_jit(
+    key,
+    init_positions,
+    anchor_betas,
+    log_step_size0,
+    target,
+    *,
+    log_prior_fn,
+    log_likelihood_fn,
+    kernel,
+    num_integration_steps,
+    num_pilot_steps,
+):
+    def per_anchor(carry, xs):
+        positions, log_step = carry
+        beta, anchor_key = xs
+
+        def value_and_grad_fn(z):
+            (value, _), grad = _tempered_value_and_grad(log_prior_fn, log_likelihood_fn, beta)(z)
+            return value, grad
+
+        # Chains continue from the previous anchor: a coarse annealing pilot whose first
+        # iterations act as burn-in at the new temperature.
+        log_step, positions = _dual_averaging_run(
+            anchor_key,
+            positions,
+            value_and_grad_fn,
+            log_step,
+            target,
+            num_pilot_steps,
+            num_integration_steps,
+            kernel,
+        )
+        return (positions, log_step), log_step
+
+    keys = jax.random.split(key, anchor_betas.shape[0])
+    _, log_steps = jax.lax.scan(per_anchor, (init_positions, log_step_size0), (anchor_betas, keys))
+    return log_steps
+
+
+def tune_ais_step_sizes(
+    key: Array,
+    initial_positions: Array,
+    log_prior_fn: LogDensityFn,
+    log_likelihood_fn: LogDensityFn,
+    betas: Array,
+    num_anchors: int = 10,
+    kernel: str = "hmc",
+    num_integration_steps: int = 10,
+    target_acceptance: float | None = None,
+    num_pilot_steps: int = 100,
+    initial_step_size: float = 0.1,
+) -> Array:
+    """Pilot-tunes one step size per annealing step; freeze the result for the real AIS run.
+
+    Anchor temperatures are spaced evenly in ``log beta`` between the smallest positive beta of the
+    schedule and 1 (where a peaked likelihood changes the posterior scale). Pilot chains start at
+    ``initial_positions`` (prior samples) and visit the anchors in increasing order, each anchor
+    running ``num_pilot_steps`` dual-averaging transitions targeting
+    ``pi_beta ∝ prior * likelihood ** beta`` from where the previous anchor left them. The tuned
+    log step sizes are then interpolated linearly in ``log beta`` onto every ``beta_t``.
+
+    Args:
+      key: PRNG key.
+      initial_positions: ``[C, D]`` prior samples for the pilot chains.
+      log_prior_fn: normalised log prior, ``[D] -> scalar``.
+      log_likelihood_fn: log likelihood, ``[D] -> scalar``.
+      betas: forward schedule ``[T + 1]`` (concrete).
+      num_anchors: number of anchor temperatures (>= 2).
+      kernel: ``"hmc"`` or ``"mala"``.
+      num_integration_steps: leapfrog steps per HMC transition.
+      target_acceptance: default 0.65 for HMC, 0.574 for MALA.
+      num_pilot_steps: dual-averaging transitions per anchor.
+      initial_step_size: step size the first anchor starts from.
+
+    Returns:
+      ``step_sizes`` float ``[T]`` where ``step_sizes[t-1]`` is for ``beta_t``, as :func:`ais`
+      expects.
+    """
+    target = _resolve_target(kernel, target_acceptance)
+    _check_pilot(num_pilot_steps, initial_step_size)
+    check_schedule(betas)
+    if isinstance(betas, jax.core.Tracer):
+        raise ValueError("`betas` must be concrete (call tune_ais_step_sizes outside jit).")
+    if not isinstance(num_anchors, (int, np.integer)) or num_anchors < 2:
+        raise ValueError(f"`num_anchors` must be an int >= 2, got {num_anchors!r}.")
+    check_initial_positions(initial_positions, log_prior_fn, log_likelihood_fn)
+    b = np.asarray(betas, np.float64)
+    smallest_positive = b[b > 0].min()
+    anchors = np.geomspace(smallest_positive, 1.0, num_anchors)
+    log_steps = _tune_anchors_jit(
+        key,
+        initial_positions,
+        jnp.asarray(anchors, jnp.float32),
+        jnp.log(jnp.float32(initial_step_size)),
+        jnp.float32(target),
+        log_prior_fn=log_prior_fn,
+        log_likelihood_fn=log_likelihood_fn,
+        kernel=kernel,
+        num_integration_steps=num_integration_steps,
+        num_pilot_steps=num_pilot_steps,
+    )
+    log_b = np.log(np.maximum(b[1:], smallest_positive))
+    step_sizes = np.exp(np.interp(log_b, np.log(anchors), np.asarray(log_steps, np.float64)))
+    dtype = jnp.result_type(initial_positions)
+    return _broadcast_step_sizes(step_sizes, b.shape[0] - 1, dtype)

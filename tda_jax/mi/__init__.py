@@ -1,0 +1,1 @@
+"""tda_jax.mi (filled in by its issue)."""

@@ -1,0 +1,153 @@
+"""Vectorized retraining: many models, each on its own data subset and seed, in one program.
+
+Used for linear datamodeling score (LDS) ground truth and ensembles. For each model ``m`` the
+whole run (initialization, per-epoch shuffles, every optimizer step) is one ``lax.scan`` under
+``jax.vmap`` over ``(keys[m], subset of masks[m])``, compiled once with ``jax.jit``. The per-model
+computation is the one of :func:`tda_jax.training.train` on ``subset(train_data, masks[m])`` with
+``keys[m]`` (same key convention, same step function), so the results agree with sequential
+training up to floating-point reassociation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tda_jax.data import Dataset
+from tda_jax.progress import progress
+from tda_jax.training.config import TrainConfig
+from tda_jax.training.step import epoch_key, make_train_step, split_training_key
+from tda_jax.training.train import check_data_for_loss
+
+Params = Any
+
+
+def subset_indices(masks: np.ndarray, num_train: int) -> np.ndarray:
+    """``[M, k]`` sorted example indices selected by boolean ``masks`` ``[M, num_train]``.
+
+    Raises:
+      ValueError: if ``masks`` has the wrong shape or its rows select different numbers of
+        examples (all models in one call must have equal-size subsets), or an empty subset.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.shape[1] != num_train:
+        raise ValueError(f"masks must have shape [num_models, {num_train}] (one row per model over "
+                         f"the training set), got {masks.shape}")
+    if masks.dtype != bool:
+        if not np.isin(masks, (0, 1)).all():
+            raise ValueError(f"masks must be boolean (or 0/1), got dtype {masks.dtype}")
+        masks = masks.astype(bool)
+    sizes = masks.sum(axis=1)
+    if masks.shape[0] and (sizes != sizes[0]).any():
+        raise ValueError(
+            "all subsets in one train_many call must have the same size (so every model's epoch "
+            f"has the same number of steps); got sizes {sorted(set(sizes.tolist()))} (first rows: "
+            f"{sizes[:8].tolist()}). Group models by subset size and call train_many per group.")
+    if masks.shape[0] and sizes[0] == 0:
+        raise ValueError("masks select no examples; every model needs a non-empty subset")
+    return np.stack([np.flatnonzero(row) for row in masks]).astype(np.int32) if masks.shape[0] \
+        else np.zeros((0, 0), np.int32)
+
+
+def make_train_one(model: nn.Module, config: TrainConfig, subset_size: int):
+    """``train_one(key, indices, inputs, targets) -> (params, losses [num_epochs, steps])``.
+
+    Trains one model on ``inputs[indices]`` (``indices`` ``[subset_size]``); pure and unjitted so
+    that callers can ``vmap`` and ``jit`` it.
+    """
+    train_step = make_train_step(model, config)
+    batch_size = int(config.batch_size)
+    steps_per_epoch = -(-subset_size // batch_size)
+    padded = steps_per_epoch * batch_size
+    mask = (jnp.arange(padded) < subset_size).astype(jnp.float32).reshape(steps_per_epoch,
+                                                                            batch_size)
+
+    def train_one(key, indices, inputs, targets):
+        init_key, shuffle_key = split_training_key(key)
+        params, opt_state = train_step.init(init_key, inputs[:1])
+
+        def run_epoch(carry, epoch):
+            order = jax.random.permutation(epoch_key(shuffle_key, epoch), subset_size)
+            # Padding positions point at subset row 0; their mask is 0 so they never count.
+            order = jnp.concatenate([order, jnp.zeros(padded - subset_size, order.dtype)])
+            rows = indices[order].reshape(steps_per_epoch, batch_size)
+
+            def run_step(carry, xs):
+                params, opt_state = carry
+                rows_b, mask_b = xs
+                batch = {"inputs": inputs[rows_b], "targets": targets[rows_b], "mask": mask_b}
+                params, opt_state, loss = train_step.step(params, opt_state, batch)
+                return (params, opt_state), loss
+
+            return jax.lax.scan(run_step, carry, (rows, mask))
+
+        (params, _), losses = jax.lax.scan(run_epoch, (params, opt_state),
+                                           jnp.arange(int(config.num_epochs)))
+        return params, losses
+
+    return train_one
+
+
+def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np.ndarray,
+               config: TrainConfig, models_per_chunk: int = 50) -> Params:
+    """Trains ``M`` models at once: model ``m`` on ``subset(train_data, masks[m])``, ``keys[m]``.
+
+    Models are processed in chunks of ``models_per_chunk`` (the last chunk is padded so the program
+    compiles once) to bound memory, with a progress bar over chunks.
+
+    Args:
+      keys: ``[M, 2]`` legacy uint32 keys or ``[M]`` typed keys, one per model.
+      model: the Flax module (shared architecture).
+      train_data: the full training set ``[N, ...]``.
+      masks: ``[M, N]`` boolean; row ``m`` selects model ``m``'s training examples. All rows must
+        select the same number of examples.
+      config: training settings (shared).
+      models_per_chunk: models per compiled vmapped call.
+
+    Returns:
+      stacked parameters: every leaf has a leading axis ``M``.
+
+    Raises:
+      ValueError: on mismatched shapes, unequal subset sizes, or data unsuited to ``config.loss``.
+      FloatingPointError: if some model's loss becomes non-finite (names the model, step, epoch).
+    """
+    n = check_data_for_loss(train_data, config.loss)
+    keys = jnp.asarray(keys)
+    num_models = keys.shape[0]
+    indices = subset_indices(masks, n)
+    if indices.shape[0] != num_models:
+        raise ValueError(f"keys has {num_models} rows but masks has {indices.shape[0]}; give one "
+                         "key per model.")
+    if num_models == 0:
+        raise ValueError("train_many needs at least one model (got 0 keys)")
+    if models_per_chunk < 1:
+        raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}")
+    subset_size = indices.shape[1]
+    chunk = min(int(models_per_chunk), num_models)
+    steps_per_epoch = -(-subset_size // int(config.batch_size))
+
+    train_one = make_train_one(model, config, subset_size)
+    train_chunk = jax.jit(jax.vmap(train_one, in_axes=(0, 0, None, None)))
+    inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
+
+    outputs = []
+    for begin in progress(range(0, num_models, chunk), desc="train_many",
+                          total=-(-num_models // chunk)):
+        take = np.arange(begin, begin + chunk)
+        take = np.where(take < num_models, take, begin)  # pad the last chunk with its first model
+        params, losses = train_chunk(keys[take], jnp.asarray(indices[take]), inputs, targets)
+        real = min(chunk, num_models - begin)
+        losses = np.asarray(losses)[:real].reshape(real, -1)
+        finite = np.isfinite(losses)
+        if not finite.all():
+            m, s = np.argwhere(~finite)[0]
+            raise FloatingPointError(
+                f"training loss of model {begin + m} became non-finite ({losses[m, s]}) at step "
+                f"{s} (epoch {s // steps_per_epoch}, batch {s % steps_per_epoch}). Lower the "
+                "learning rate, or check the data for NaN/inf values.")
+        outputs.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real], params))
+    return jax.tree.map(lambda *leaves: jnp.asarray(np.concatenate(leaves)), *outputs)

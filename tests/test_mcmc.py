@@ -1,0 +1,229 @@
+"""Tests for the HMC / MALA kernels, step-size tuning and annealing schedules.
+
+Statistical checks start many chains at EXACT samples of a Gaussian target: an invariant kernel keeps
+them exactly distributed, so after a few steps the sample mean and variance must match the truth to
+within a z-score bound computed from the sample size (a wrong Metropolis ratio or momentum scale
+moves them by many standard errors).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tda_jax import mcmc
+
+NUM_CHAINS = 4000
+Z_BOUND = 4.5  # |z| bound for each of the few dozen checks (false alarm rate ~1e-5 each)
+
+MEAN = jnp.array([1.0, -2.0, 0.5])
+# Correlated covariance so that mixing matters and a diagonal-only bug would show.
+COV = jnp.array([[1.0, 0.6, 0.0], [0.6, 2.0, 0.3], [0.0, 0.3, 0.25]])
+PRECISION = jnp.linalg.inv(COV)
+
+
+def gaussian_log_density(z):
+    d = z - MEAN
+    return -0.5 * d @ PRECISION @ d
+
+
+def exact_samples(key, n):
+    return MEAN + jax.random.normal(key, (n, 3)) @ jnp.linalg.cholesky(COV).T
+
+
+def assert_gaussian_moments(samples):
+    """Mean and variance of every coordinate match N(MEAN, COV) within Z_BOUND standard errors."""
+    samples = np.asarray(samples, np.float64)
+    n = samples.shape[0]
+    var = np.diag(np.asarray(COV))
+    z_mean = (samples.mean(0) - np.asarray(MEAN)) / np.sqrt(var / n)
+    z_var = (samples.var(0, ddof=1) - var) / (var * np.sqrt(2.0 / (n - 1)))
+    assert np.all(np.abs(z_mean) < Z_BOUND), z_mean
+    assert np.all(np.abs(z_var) < Z_BOUND), z_var
+
+
+def run_chains(kernel, key, step_size, num_steps, inverse_mass_diag=None):
+    init, step = (mcmc.hmc_init, mcmc.hmc_step) if kernel == "hmc" else (mcmc.mala_init, None)
+
+    def one_chain(chain_key, z0):
+        state = init(z0, gaussian_log_density)
+
+        def body(s, k):
+            if kernel == "hmc":
+                s, info = step(k, s, gaussian_log_density, step_size, 5, inverse_mass_diag)
+            else:
+                s, info = mcmc.mala_step(k, s, gaussian_log_density, step_size)
+            return s, info.acceptance_probability
+
+        state, acc = jax.lax.scan(body, state, jax.random.split(chain_key, num_steps))
+        return state.position, acc.mean()
+
+    key_init, key_run = jax.random.split(key)
+    z0 = exact_samples(key_init, NUM_CHAINS)
+    keys = jax.random.split(key_run, NUM_CHAINS)
+    return jax.jit(jax.vmap(one_chain))(keys, z0)
+
+
+@pytest.mark.parametrize(
+    "kernel,step_size,inverse_mass_diag",
+    [("hmc", 0.5, None), ("hmc", 0.5, jnp.array([1.0, 2.0, 0.25])), ("mala", 0.3, None)],
+)
+def test_kernel_leaves_gaussian_invariant(kernel, step_size, inverse_mass_diag):
+    positions, acceptance = run_chains(
+        kernel, jax.random.key(0), step_size, 8, inverse_mass_diag
+    )
+    # Large steps: the Metropolis correction must be doing real work for the test to bite.
+    assert 0.2 < float(acceptance.mean()) < 0.95
+    assert_gaussian_moments(positions)
+
+
+@pytest.mark.parametrize("kernel", ["hmc", "mala"])
+def test_tiny_steps_accept_almost_always(kernel):
+    _, acceptance = run_chains(kernel, jax.random.key(1), 1e-4, 3)
+    assert float(acceptance.mean()) > 0.999
+
+
+def test_leapfrog_is_reversible_and_conserves_energy():
+    vg = jax.value_and_grad(gaussian_log_density)
+    z0 = jnp.array([0.3, -1.0, 0.7])
+    p0 = jnp.array([1.0, 0.5, -0.2])
+    ld0, g0 = vg(z0)
+    z1, p1, ld1, g1 = mcmc.leapfrog(vg, z0, p0, ld0, g0, 0.05, 20, jnp.ones(()))
+    # Running back with negated momentum returns to the start (time reversibility).
+    z2, p2, _, _ = mcmc.leapfrog(vg, z1, -p1, ld1, g1, 0.05, 20, jnp.ones(()))
+    np.testing.assert_allclose(z2, z0, atol=1e-5)
+    np.testing.assert_allclose(-p2, p0, atol=1e-5)
+    energy = lambda ld, p: -ld + 0.5 * jnp.sum(p**2)
+    assert abs(float(energy(ld1, p1) - energy(ld0, p0))) < 1e-2
+    assert float(jnp.linalg.norm(z1 - z0)) > 0.1  # it did move
+
+
+@pytest.mark.parametrize("kernel", ["hmc", "mala"])
+def test_tune_step_size_reaches_target(kernel):
+    target = 0.65 if kernel == "hmc" else 0.574
+    init = exact_samples(jax.random.key(2), 64)
+    step_size = mcmc.tune_step_size(
+        jax.random.key(3), init, gaussian_log_density, kernel=kernel, num_integration_steps=5
+    )
+    assert isinstance(step_size, float) and step_size > 0
+    _, acceptance = run_chains(kernel, jax.random.key(4), step_size, 20)
+    assert abs(float(acceptance.mean()) - target) < 0.07, float(acceptance.mean())
+
+
+def test_step_size_is_traced_without_recompiling():
+    step = jax.jit(lambda k, s, eps: mcmc.hmc_step(k, s, gaussian_log_density, eps, 3))
+    state = mcmc.hmc_init(MEAN, gaussian_log_density)
+    for eps in (0.1, 0.2, 0.3):
+        state, _ = step(jax.random.key(0), state, eps)
+    assert step._cache_size() == 1
+
+
+def nan_outside_half_space(z):
+    # Log density undefined (NaN) for z[0] > 0.5.
+    return jnp.where(z[0] > 0.5, jnp.nan, -0.5 * jnp.sum(z**2))
+
+
+@pytest.mark.parametrize("kernel", ["hmc", "mala"])
+def test_nan_proposals_are_rejected(kernel):
+    init, step = (mcmc.hmc_init, mcmc.hmc_step) if kernel == "hmc" else (mcmc.mala_init, None)
+
+    def one_chain(key):
+        state = init(jnp.array([0.0, 0.0]), nan_outside_half_space)
+
+        def body(s, k):
+            if kernel == "hmc":
+                s, info = mcmc.hmc_step(k, s, nan_outside_half_space, 0.5, 5)
+            else:
+                s, info = mcmc.mala_step(k, s, nan_outside_half_space, 0.5)
+            return s, (s.position, s.log_density, info.acceptance_probability)
+
+        return jax.lax.scan(body, state, jax.random.split(key, 50))[1]
+
+    positions, log_densities, acceptance = jax.vmap(one_chain)(jax.random.split(jax.random.key(5), 20))
+    assert np.all(np.asarray(positions[..., 0]) <= 0.5)
+    assert np.all(np.isfinite(np.asarray(log_densities)))
+    assert np.any(np.asarray(acceptance) == 0.0)  # some proposals crossed and were rejected
+    assert np.any(np.asarray(acceptance) > 0.5)  # and the chains still move
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="non-finite|finite"):
+        mcmc.hmc_init(jnp.array([1.0, 0.0]), nan_outside_half_space)
+    with pytest.raises(ValueError, match=r"shape \[D\]"):
+        mcmc.hmc_init(jnp.zeros((2, 3)), gaussian_log_density)
+    with pytest.raises(ValueError, match=r"shape \[D\]"):
+        mcmc.mala_init(jnp.zeros(()), gaussian_log_density)
+    with pytest.raises(ValueError, match="scalar"):
+        mcmc.hmc_init(jnp.zeros(3), lambda z: z**2)
+    with pytest.raises(TypeError, match="floating"):
+        mcmc.hmc_init(jnp.zeros(3, jnp.int32), gaussian_log_density)
+    state = mcmc.hmc_init(jnp.zeros(3), gaussian_log_density)
+    with pytest.raises(ValueError, match="inverse_mass_diag"):
+        mcmc.hmc_step(jax.random.key(0), state, gaussian_log_density, 0.1, 2, jnp.ones(4))
+    init = exact_samples(jax.random.key(2), 4)
+    with pytest.raises(ValueError, match="kernel"):
+        mcmc.tune_step_size(jax.random.key(0), init, gaussian_log_density, kernel="nuts")
+    with pytest.raises(ValueError, match="target_acceptance"):
+        mcmc.tune_step_size(jax.random.key(0), init, gaussian_log_density, target_acceptance=1.5)
+    with pytest.raises(ValueError, match="init_positions"):
+        mcmc.tune_step_size(jax.random.key(0), init[0], gaussian_log_density)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        mcmc.linear_schedule,
+        mcmc.geometric_schedule,
+        lambda t: mcmc.geometric_schedule(t, start=1e-3),
+        mcmc.sigmoid_schedule,
+        lambda t: mcmc.sigmoid_schedule(t, scale=10.0),
+    ],
+)
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 1000])
+def test_schedules_endpoints_and_monotone(schedule, num_steps):
+    betas = schedule(num_steps)
+    assert betas.shape == (num_steps + 1,)
+    assert betas.dtype == jnp.float32
+    b = np.asarray(betas)
+    assert b[0] == 0.0 and b[-1] == 1.0
+    assert np.all(np.diff(b) >= 0)
+    mcmc.check_schedule(betas)
+
+
+def test_schedule_shapes():
+    np.testing.assert_allclose(mcmc.linear_schedule(4), [0, 0.25, 0.5, 0.75, 1.0])
+    g = np.asarray(mcmc.geometric_schedule(4, start=1e-3), np.float64)
+    np.testing.assert_allclose(g[1:], [1e-3, 1e-2, 1e-1, 1.0], rtol=1e-6)
+    s = np.asarray(mcmc.sigmoid_schedule(100))
+    # Symmetric about the midpoint and denser at both ends than in the middle.
+    np.testing.assert_allclose(s + s[::-1], 1.0, atol=1e-6)
+    assert np.diff(s)[0] < np.diff(s)[50]
+
+
+@pytest.mark.parametrize(
+    "betas,message",
+    [
+        ([0.0, 0.6, 0.4, 1.0], "nondecreasing"),
+        ([0.0, 0.5, 0.9], "end at 1"),
+        ([0.1, 0.5, 1.0], "start at 0"),
+        ([0.0, float("nan"), 1.0], "non-finite"),
+        ([1.0, 0.5, 0.0], "start at 0"),
+        ([0.0], "T >= 1"),
+        ([[0.0, 1.0]], "1-D"),
+    ],
+)
+def test_check_schedule_rejects_bad_schedules(betas, message):
+    with pytest.raises(ValueError, match=message):
+        mcmc.check_schedule(jnp.asarray(betas))
+
+
+def test_schedule_arguments_validated():
+    with pytest.raises(ValueError, match="num_steps"):
+        mcmc.linear_schedule(0)
+    with pytest.raises(ValueError, match="start"):
+        mcmc.geometric_schedule(10, start=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        mcmc.sigmoid_schedule(10, scale=-1.0)
