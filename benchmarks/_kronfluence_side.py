@@ -34,6 +34,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     logging.disable(logging.WARNING)
+    # kronfluence 1.0.1 builds a (disabled) torch.cuda.amp.GradScaler, which warns on torch 2.13.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     rss_start = _peak_rss_mb()
     problem = dict(np.load(args.problem))
     settings = json.loads(str(problem["settings"]))

@@ -18,9 +18,8 @@ corrected eigenvalues, the per-example cross-entropy as training loss and the qu
 
 Sign convention, from each library's documented definition:
 
-* tda_jax (``tda_jax.attribution.pairwise_scores``): the change of the query measurement when the
-  training example is up-weighted, ``-grad f_q^T (G + damping I)^{-1} grad L_i``; with the margin,
-  positive = helpful.
+* tda_jax (``tda_jax.attribution`` module docstring): ``-grad f_q^T (F + damping I)^{-1} grad L_i``,
+  positive = training on ``i`` pushes the query measurement up (with the margin: helpful).
 * kronfluence (``Analyzer.compute_pairwise_scores``): ``grad f_q^T (G + damping I)^{-1} grad L_i``
   (the dot product of the preconditioned query gradient with the training gradient, no minus).
 
@@ -64,7 +63,7 @@ RERUN_COMMAND = ".venv/bin/python benchmarks/kronfluence_ekfac.py"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# tda_jax scores d f_q / d(up-weight of i) = -grad f^T P grad L_i; kronfluence reports
+# tda_jax scores -grad f^T P grad L_i (its documented convention); kronfluence reports
 # +grad f^T P grad L_i. Multiply kronfluence's scores by this to put them in tda_jax's convention.
 KRONFLUENCE_TO_TDA_JAX_SIGN = -1.0
 
@@ -178,16 +177,19 @@ def run_tda_jax_side(problem_path: str, result_path: str, repeats: int) -> None:
     settings = json.loads(str(problem["settings"]))
     num_layers = int(problem["num_layers"])
     model = MLP(hidden_sizes=tuple(settings["hidden"]), num_outputs=10)
-    params = {"params": {f"Dense_{i}": {"kernel": jnp.asarray(problem[f"kernel_{i}"]),
-                                        "bias": jnp.asarray(problem[f"bias_{i}"])}
-                         for i in range(num_layers)}}
+    params = {f"Dense_{i}": {"kernel": jnp.asarray(problem[f"kernel_{i}"]),
+                             "bias": jnp.asarray(problem[f"bias_{i}"])}
+              for i in range(num_layers)}
     train = Dataset(problem["train_x"], problem["train_y"], 10)
     queries = Dataset(problem["query_x"], problem["query_y"], 10)
     loss = softmax_cross_entropy()
     # The same f as kronfluence's compute_measurement, so one sign flip aligns the two.
     measurement = (classification_margin if settings["measurement"] == "margin"
                    else loss.per_example)
-    apply_fn = model.apply
+
+    def apply_fn(p, x):
+        return model.apply({"params": p}, x)
+
     rss_ready = _peak_rss_mb()
 
     def timed(fn):

@@ -5,14 +5,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tda_jax.data import Dataset
 from tda_jax.evaluation import (
     lds,
     noise_ceiling,
     predicted_subset_sums,
+    retrain_ground_truth,
     sample_subsets,
     spearman,
     summarize,
 )
+from tda_jax.io import ArgumentMismatchError
+from tda_jax.losses import classification_margin
+from tda_jax.models import MLP
+from tda_jax.training import TrainConfig, train_many
 
 
 def _linear_world(seed=0, num_train=60, num_queries=30, num_subsets=200, fraction=0.5):
@@ -159,3 +165,62 @@ def test_bad_shapes_raise_value_errors():
         noise_ceiling(np.zeros((10, 1, 3)))
     with pytest.raises(ValueError, match="same 2-D shape"):
         spearman(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Retraining ground truth (one small compiled program per call; kept to three compiles).
+
+
+@pytest.mark.slow
+def test_retrain_ground_truth_matches_train_many_resumes_and_refuses_other_settings(tmp_path):
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.normal(size=(40, 5)).astype(np.float32),
+                    rng.integers(0, 3, size=40).astype(np.int32), 3)
+    queries = Dataset(rng.normal(size=(6, 5)).astype(np.float32),
+                      rng.integers(0, 3, size=6).astype(np.int32), 3)
+    model = MLP(hidden_sizes=(4,), num_outputs=3)
+    config = TrainConfig(num_epochs=2, batch_size=8, learning_rate=1e-2)
+    masks = sample_subsets(jax.random.key(1), 40, 3, 0.5)
+    key = jax.random.key(2)
+    kwargs = dict(seeds_per_subset=2, config=config, measurement=classification_margin,
+                  models_per_chunk=4)  # 6 models: chunks of 4 and 2 (padded)
+    ground_truth = retrain_ground_truth(key, model, train, queries, masks, directory=tmp_path,
+                                        **kwargs)
+    assert ground_truth.shape == (3, 2, 6) and ground_truth.dtype == np.float32
+    assert np.isfinite(ground_truth).all()
+
+    # Oracle: model m = s * seeds + j is train_many's model with key split(key, 6)[m] on masks[s].
+    pick = np.array([1, 4])  # (subset 0, seed 1) and (subset 2, seed 0)
+    params = train_many(jax.random.split(key, 6)[pick], model, train,
+                        masks[pick // 2], config)
+    for row, m in enumerate(pick):
+        one = jax.tree.map(lambda leaf, row=row: leaf[row], params)
+        expected = classification_margin(model.apply(one, queries.inputs), queries.targets)
+        np.testing.assert_allclose(ground_truth[m // 2, m % 2], expected, rtol=1e-4, atol=1e-4)
+
+    # A finished stage is reused as is.
+    again = retrain_ground_truth(key, model, train, queries, masks, directory=tmp_path, **kwargs)
+    np.testing.assert_array_equal(again, ground_truth)
+    # An interrupted run (second chunk and final output missing) recomputes only what is missing.
+    for name in ("COMPLETE", "ground_truth.npz", "chunk_00001.npz"):
+        (tmp_path / name).unlink()
+    first_chunk_mtime = (tmp_path / "chunk_00000.npz").stat().st_mtime_ns
+    resumed = retrain_ground_truth(key, model, train, queries, masks, directory=tmp_path,
+                                   **kwargs)
+    np.testing.assert_allclose(resumed, ground_truth, rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "chunk_00000.npz").stat().st_mtime_ns == first_chunk_mtime
+    # Other settings are refused, naming the difference.
+    with pytest.raises(ArgumentMismatchError, match="seeds_per_subset"):
+        retrain_ground_truth(key, model, train, queries, masks, directory=tmp_path,
+                             **{**kwargs, "seeds_per_subset": 3})
+    with pytest.raises(ArgumentMismatchError, match="masks"):
+        retrain_ground_truth(key, model, train, queries, ~masks, directory=tmp_path, **kwargs)
+
+
+def test_retrain_ground_truth_rejects_unequal_subsets():
+    train = Dataset(np.zeros((4, 2), np.float32), np.zeros(4, np.int32), 2)
+    masks = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool)
+    with pytest.raises(ValueError, match="equal"):
+        retrain_ground_truth(jax.random.key(0), MLP((2,), 2), train, train, masks,
+                             seeds_per_subset=1, config=TrainConfig(num_epochs=1),
+                             measurement=classification_margin)

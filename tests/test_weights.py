@@ -19,7 +19,9 @@ def test_normalize_matches_softmax_and_keeps_zero_weights():
     normalized, total = normalize_log_weights(lw)
     np.testing.assert_allclose(total, logsumexp(lw), rtol=1e-6)
     finite = np.isfinite(lw)
-    np.testing.assert_allclose(np.asarray(normalized)[finite], lw[finite] - logsumexp(lw), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(normalized)[finite], lw[finite] - logsumexp(lw), rtol=1e-6
+    )
     assert np.all(np.isneginf(np.asarray(normalized)[~finite]))
     np.testing.assert_allclose(np.exp(np.asarray(normalized)).sum(), 1.0, rtol=1e-6)
 
@@ -27,7 +29,7 @@ def test_normalize_matches_softmax_and_keeps_zero_weights():
 def test_normalize_is_shift_invariant_for_huge_log_weights():
     lw = jnp.array([1e4, 1e4 + np.log(3.0)], jnp.float32)
     normalized, total = normalize_log_weights(lw)
-    # float32 spacing at 1e4 is ~1e-3, which bounds the achievable accuracy; no overflow is the point.
+    # float32 spacing at 1e4 is ~1e-3, which bounds the accuracy; no overflow is the point.
     np.testing.assert_allclose(np.exp(normalized), [0.25, 0.75], rtol=2e-3)
     np.testing.assert_allclose(total, 1e4 + np.log(4.0), rtol=1e-6)
 

@@ -89,6 +89,16 @@ def _write_seconds(stage: Stage, seconds: float) -> None:
     write_json(stage.path("timing.json"), {"seconds": seconds})
 
 
+_STRATEGY_ORDER = ("identity", "diagonal", "kfac", "ekfac", "exact")
+
+
+def _method_order(item: tuple[str, ml_collections.ConfigDict]) -> tuple:
+    """Cheapest curvature first, ensembles after single models (the figure's bar order)."""
+    name, method = item
+    rank = _STRATEGY_ORDER.index(method.strategy) if method.strategy in _STRATEGY_ORDER else 99
+    return (method.ensemble_size > 1, rank, name)
+
+
 def _exact_skip_reason(config: ml_collections.ConfigDict, num_params: int) -> str | None:
     if num_params > config.exact_max_params:
         return (
@@ -142,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     # ---- Which methods run; how many full-data models they need.
     skipped: dict[str, str] = {}
     methods: dict[str, ml_collections.ConfigDict] = {}
-    for name, method in config.methods.items():
+    for name, method in sorted(config.methods.items(), key=_method_order):
         reason = _exact_skip_reason(config, num_params) if method.strategy == "exact" else None
         if reason is None:
             methods[name] = method
@@ -219,7 +229,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     test_metrics = [training.evaluate(model, params, test) for params in members]
 
     # ---- Scores per method (ensemble members saved one by one).
-    apply_fn = model.apply
+    def apply_fn(params, inputs):
+        return model.apply({"params": params}, inputs)
+
     scores: dict[str, np.ndarray] = {}
     # (strategy, fisher, damping, member) -> scores, so an ensemble reuses the single-model run.
     computed: dict[tuple, np.ndarray] = {}
@@ -241,7 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                 logging.info("%s: scores of model %d", name, k)
                 curvature = attribution.fit_curvature(
                     apply_fn,
-                    members[k],
+                    members[k]["params"],
                     train,
                     strategy=method.strategy,
                     loss=loss,
@@ -253,7 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                 values = np.asarray(
                     attribution.pairwise_scores(
                         apply_fn,
-                        members[k],
+                        members[k]["params"],
                         curvature,
                         queries,
                         train,

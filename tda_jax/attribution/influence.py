@@ -129,7 +129,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
         return -total, jax.lax.psum(bad, DATA_AXIS)
 
     step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=(P(None, DATA_AXIS), P())))
+                                 out_specs=(P(None, DATA_AXIS), P()), check_vma=False))
     sharding = data_sharding(mesh)
     qgrads = query_gradients(apply_fn, params, queries, measurement, query_batch_size)
     for q0 in range(0, num_q, query_batch_size):
@@ -177,7 +177,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
                                         curvature.damping.get(n, 0.0), a[n], g[n]) for n in a)
 
     step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=P(DATA_AXIS)))
+                                 out_specs=P(DATA_AXIS), check_vma=False))
     factors = {} if exact else jax.tree.map(jnp.asarray, curvature.factors)
     sharding = data_sharding(mesh)
     for batch in progress(batch_iterator(train, batch_size), desc="self scores",

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -380,9 +381,9 @@ def output_shapes(apply_fn: ApplyFn, params: Params, inputs: Any
 
     try:
         out_struct = jax.eval_shape(run, params, inputs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, flax.errors.FlaxError) as err:
         shapes = jax.tree.map(lambda v: tuple(np.shape(v)), inputs)
-        raise type(err)(f"applying the model to inputs of shape {shapes} failed: {err}. Check that "
+        raise ValueError(f"applying the model to inputs of shape {shapes} failed: {err}. Check that "
                         "the batch matches the parameters (feature sizes, dtypes).") from err
     return found["specs"], found["shapes"], out_struct
 

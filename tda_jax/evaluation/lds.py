@@ -40,12 +40,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
 from tda_jax.io import Stage
 from tda_jax.progress import progress
-from tda_jax.training import train_many
+from tda_jax.training import make_train_one, subset_indices
 
 Measurement = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -240,7 +241,7 @@ def noise_ceiling(ground_truth: np.ndarray) -> NoiseCeiling:
         )
     num_seeds = ground_truth.shape[1]
     pairs = list(itertools.combinations(range(num_seeds), 2))
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         r1 = np.nanmean(
             np.stack([spearman(ground_truth[:, a], ground_truth[:, b]) for a, b in pairs]), axis=0
         )
@@ -272,16 +273,6 @@ def _config_dict(config: Any) -> Any:
     return config
 
 
-def _model_measurements(model, stacked_params, queries, measurement: Measurement) -> np.ndarray:
-    """Measurements ``[num_models, num_queries]`` of a stack of models on the queries."""
-
-    def one(params):
-        outputs = model.apply(params, queries.inputs)
-        return measurement(outputs, queries.targets)
-
-    return np.asarray(jax.jit(jax.vmap(one))(stacked_params))
-
-
 def retrain_ground_truth(
     key: jax.Array,
     model,
@@ -298,10 +289,11 @@ def retrain_ground_truth(
 ) -> np.ndarray:
     """Retrains a model on every subset with several seeds and measures the queries.
 
-    All ``num_subsets * seeds_per_subset`` models are trained with
-    :func:`tda_jax.training.train_many` in chunks of ``models_per_chunk`` (one compiled program per
-    chunk shape; the last chunk is padded so nothing recompiles). Model ``m = s * seeds + j``
-    (subset ``s``, seed ``j``) uses ``jax.random.split(key, num_models)[m]``, so results do not
+    All ``num_subsets * seeds_per_subset`` models are trained as
+    :func:`tda_jax.training.train_many` trains them (the vmapped ``make_train_one``), in chunks of
+    ``models_per_chunk`` models that share one compiled program (the last chunk is padded so nothing
+    recompiles). Model ``m = s * seeds + j`` (subset ``s``, seed ``j``) uses
+    ``jax.random.split(key, num_models)[m]``, so results do not
     depend on the chunk size.
 
     With ``directory``, the work is a :class:`tda_jax.io.Stage`: each finished chunk is saved at
@@ -372,6 +364,16 @@ def retrain_ground_truth(
             return stage.load_arrays("ground_truth")["measurements"]
 
     start_time = time.perf_counter()
+    # One compiled program for every chunk: calling train_many per chunk would re-trace and
+    # re-compile each time, which costs more than training these small models.
+    indices = subset_indices(masks, masks.shape[1])
+    train_chunk = jax.jit(
+        jax.vmap(make_train_one(model, config, int(sizes[0])), in_axes=(0, 0, None, None))
+    )
+    measure_chunk = jax.jit(
+        jax.vmap(lambda params: measurement(model.apply(params, queries.inputs), queries.targets))
+    )
+    inputs, targets = jnp.asarray(train.inputs), jnp.asarray(train.targets)
     results = []
     starts = range(0, num_models, chunk)
     for chunk_index, start in enumerate(progress(starts, desc="retraining (chunks)")):
@@ -383,15 +385,15 @@ def retrain_ground_truth(
         index = np.arange(start, start + chunk)
         valid = index < num_models
         index = np.where(valid, index, start)
-        params = train_many(
-            model_keys[index], model, train, masks[subset_of_model[index]], config,
-            models_per_chunk=chunk,
+        params, losses = train_chunk(
+            model_keys[index], jnp.asarray(indices[subset_of_model[index]]), inputs, targets
         )
-        values = _model_measurements(model, params, queries, measurement)[valid]
-        if not np.isfinite(values).all():
+        values = np.asarray(measure_chunk(params))[valid]
+        losses = np.asarray(losses)[valid]
+        if not (np.isfinite(values).all() and np.isfinite(losses).all()):
             raise FloatingPointError(
-                f"retrained models {index[valid][0]}..{index[valid][-1]} gave non-finite "
-                "measurements; lower the learning rate or check the data"
+                f"retrained models {index[valid][0]}..{index[valid][-1]} had non-finite training "
+                "losses or measurements; lower the learning rate or check the data"
             )
         values = values.astype(np.float32)
         if stage is not None:

@@ -43,6 +43,9 @@ from tda_jax.mcmc.schedules import check_schedule
 
 LogDensityFn = Callable[[Array], Array]
 KERNELS = ("hmc", "mala")
+# Default relative step-size jitter for annealing chains (see mcmc_transition): without it, HMC with
+# a fixed trajectory length resonates on near-Gaussian targets and AIS weights degrade badly.
+JITTER = 0.2
 
 
 class AISResult(NamedTuple):
@@ -138,8 +141,20 @@ def mcmc_transition(
     step_size: Array,
     num_integration_steps: int,
     kernel: str,
+    step_size_jitter: float = 0.0,
 ) -> tuple[Array, Array, Array, Array]:
-    """One HMC or MALA transition on raw arrays; returns ``(position, log_density, grad, acc)``."""
+    """One HMC or MALA transition on raw arrays; returns ``(position, log_density, grad, acc)``.
+
+    With ``step_size_jitter = j > 0`` the step size is drawn uniformly from
+    ``step_size * [1 - j, 1 + j]`` independently of the state: a mixture of invariant kernels, hence
+    invariant, and it breaks the resonances of fixed-length leapfrog trajectories (on near-Gaussian
+    targets a fixed ``step_size * num_integration_steps`` close to half an oscillation period maps
+    ``z`` to about ``-z`` and the chain barely mixes).
+    """
+    if step_size_jitter:
+        key, key_jitter = jax.random.split(key)
+        u = jax.random.uniform(key_jitter, (), step_size.dtype, -1.0, 1.0)
+        step_size = step_size * (1.0 + step_size_jitter * u)
     if kernel == "hmc":
         state, info = hmc_step_from_value_and_grad(
             key,
@@ -181,6 +196,7 @@ def annealed_chain(
     num_integration_steps: int = 10,
     kernel: str = "hmc",
     num_mcmc_steps: int = 1,
+    step_size_jitter: float = JITTER,
 ) -> tuple[Array, Array, Array]:
     """Runs one AIS chain along ``betas`` (forward if increasing, reverse if decreasing).
 
@@ -206,6 +222,8 @@ def annealed_chain(
       num_integration_steps: leapfrog steps per HMC transition (ignored by MALA).
       kernel: ``"hmc"`` or ``"mala"`` (MALA's step size is the Langevin time step).
       num_mcmc_steps: transitions per annealing step.
+      step_size_jitter: each transition draws its step size uniformly from
+        ``step_sizes[t-1] * [1 - j, 1 + j]`` (state-independent, so invariance holds); 0 disables.
 
     Returns:
       ``(log_weight, final_position [D], mean_acceptance)``; ``mean_acceptance`` averages the
@@ -218,6 +236,8 @@ def annealed_chain(
         raise ValueError(f"`betas` must have shape [T + 1] with T >= 1, got {betas_shape}.")
     if not isinstance(num_mcmc_steps, (int, np.integer)) or num_mcmc_steps < 1:
         raise ValueError(f"`num_mcmc_steps` must be a positive int, got {num_mcmc_steps!r}.")
+    if not 0.0 <= step_size_jitter < 1.0:
+        raise ValueError(f"`step_size_jitter` must lie in [0, 1), got {step_size_jitter}.")
     dtype = initial_position.dtype
     betas = jnp.asarray(betas, dtype)
     num_steps = betas_shape[0] - 1
@@ -247,6 +267,7 @@ def annealed_chain(
                 step_size,
                 num_integration_steps,
                 kernel,
+                step_size_jitter,
             )
             return x, x_ld, x_grad, acc + a
 
@@ -271,6 +292,7 @@ def annealed_chain(
         "num_integration_steps",
         "kernel",
         "num_mcmc_steps",
+        "step_size_jitter",
     ),
 )
 def _ais_chains(
@@ -284,6 +306,7 @@ def _ais_chains(
     num_integration_steps,
     kernel,
     num_mcmc_steps,
+    step_size_jitter,
 ):
     chain = functools.partial(
         annealed_chain,
@@ -294,6 +317,7 @@ def _ais_chains(
         num_integration_steps=num_integration_steps,
         kernel=kernel,
         num_mcmc_steps=num_mcmc_steps,
+        step_size_jitter=step_size_jitter,
     )
     return jax.vmap(chain)(keys, initial_positions)
 
@@ -363,6 +387,7 @@ def ais(
     kernel: str = "hmc",
     reverse: bool = False,
     num_mcmc_steps: int = 1,
+    step_size_jitter: float = JITTER,
 ) -> AISResult:
     """Runs ``C`` independent AIS chains (forward, or reverse from posterior samples).
 
@@ -383,6 +408,7 @@ def ais(
       kernel: ``"hmc"`` or ``"mala"``.
       reverse: run the reverse chain.
       num_mcmc_steps: transitions per annealing step.
+      step_size_jitter: relative step-size jitter, see :func:`annealed_chain`.
 
     Returns:
       :class:`AISResult`; ``log_weights`` follow the module sign convention, so
@@ -410,6 +436,7 @@ def ais(
         num_integration_steps=num_integration_steps,
         kernel=kernel,
         num_mcmc_steps=num_mcmc_steps,
+        step_size_jitter=float(step_size_jitter),
     )
     return AISResult(log_weights, positions, acceptance)
 
@@ -425,6 +452,7 @@ def bdmc(
     num_integration_steps: int = 10,
     kernel: str = "hmc",
     num_mcmc_steps: int = 1,
+    step_size_jitter: float = JITTER,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al., 2015): forward AIS lower, reverse AIS upper bound.
 
@@ -436,7 +464,7 @@ def bdmc(
       prior_samples: ``[C, D]`` samples of the prior (forward chains).
       posterior_samples: ``[C', D]`` exact posterior samples (reverse chains).
       log_prior_fn, log_likelihood_fn, betas, step_sizes, num_integration_steps, kernel,
-        num_mcmc_steps: as in :func:`ais` (``betas`` is the forward schedule).
+        num_mcmc_steps, step_size_jitter: as in :func:`ais` (``betas`` is the forward schedule).
 
     Returns:
       :class:`BDMCResult` with ``lower <= log Z <= upper`` in expectation.
@@ -450,6 +478,7 @@ def bdmc(
         num_integration_steps=num_integration_steps,
         kernel=kernel,
         num_mcmc_steps=num_mcmc_steps,
+        step_size_jitter=step_size_jitter,
     )
     forward = ais(key_forward, prior_samples, reverse=False, **common)
     backward = ais(key_reverse, posterior_samples, reverse=True, **common)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda_jax.mcmc.ais import (
+    JITTER,
     _broadcast_step_sizes,
     _tempered_value_and_grad,
     check_initial_positions,
@@ -74,6 +75,7 @@ def _dual_averaging_run(
     num_pilot_steps,
     num_integration_steps,
     kernel,
+    step_size_jitter,
 ):
     """Runs vmapped chains while adapting one shared step size; returns (log step, positions)."""
     log_density, grads = jax.vmap(value_and_grad_fn)(positions)
@@ -86,7 +88,15 @@ def _dual_averaging_run(
 
         def transition(k, zi, ldi, gi):
             return mcmc_transition(
-                k, zi, ldi, gi, value_and_grad_fn, step_size, num_integration_steps, kernel
+                k,
+                zi,
+                ldi,
+                gi,
+                value_and_grad_fn,
+                step_size,
+                num_integration_steps,
+                kernel,
+                step_size_jitter,
             )
 
         z, ld, g, acc = jax.vmap(transition)(keys, z, ld, g)

@@ -142,15 +142,41 @@ def scale_to_mi(base_weight: Array, target_mi: float, noise_std: float = 1.0) ->
 
 
 def make_linear_gaussian(
-    key: Array, x_dim: int, z_dim: int, target_mi: float, noise_std: float = 1.0
+    key: Array,
+    x_dim: int,
+    z_dim: int,
+    target_mi: float,
+    noise_std: float = 1.0,
+    base: str = "orthogonal",
 ) -> LinearGaussianModel:
-    """A model with a random ``W`` (i.i.d. standard normal entries) scaled to ``target_mi`` nats.
+    """A model whose fixed random ``W`` direction is scaled to ``target_mi`` nats.
 
-    The same ``key`` gives the same direction of ``W`` for every ``target_mi``, so a sweep over MI
-    levels rescales one fixed matrix.
+    Args:
+      key: PRNG key; the same key gives the same direction of ``W`` for every ``target_mi``, so a
+        sweep over MI levels rescales one fixed matrix.
+      x_dim, z_dim: dimensions (``x_dim >= z_dim`` for ``base="orthogonal"``).
+      target_mi: requested MI in nats.
+      noise_std: ``sigma``.
+      base: ``"orthogonal"``: ``W = c Q`` with ``Q`` having orthonormal columns (Haar), so every
+        latent direction carries ``target_mi / z_dim`` nats and the posterior is isotropic;
+        ``"gaussian"``: i.i.d. standard normal entries (an ill-conditioned posterior, much harder
+        for HMC-based AIS at high MI).
+
+    Returns:
+      The model.
     """
-    base = jax.random.normal(key, (x_dim, z_dim), jnp.float32)
-    return linear_gaussian_model(scale_to_mi(base, target_mi, noise_std), noise_std)
+    if base == "orthogonal":
+        if x_dim < z_dim:
+            raise ValueError(f"base='orthogonal' needs x_dim >= z_dim, got {x_dim} < {z_dim}.")
+        gaussian = jax.random.normal(key, (x_dim, z_dim), jnp.float32)
+        q, r = jnp.linalg.qr(gaussian)
+        # Sign fix makes Q Haar-distributed rather than biased by the QR convention.
+        direction = q * jnp.sign(jnp.diag(r))[None, :]
+    elif base == "gaussian":
+        direction = jax.random.normal(key, (x_dim, z_dim), jnp.float32)
+    else:
+        raise ValueError(f"`base` must be 'orthogonal' or 'gaussian', got {base!r}.")
+    return linear_gaussian_model(scale_to_mi(direction, target_mi, noise_std), noise_std)
 
 
 def sample_joint(key: Array, model: LinearGaussianModel, num_samples: int) -> tuple[Array, Array]:

@@ -71,9 +71,11 @@ def log_sum_exp(x: ArrayLike, axis: int | tuple[int, ...] | None = None) -> Arra
     # A non-finite max (all -inf, or +inf) cannot be subtracted; shift by 0 instead.
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     s = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
-    # Guard the log so that the (unused) branch at s == 0 has a finite gradient.
-    positive = s > 0
-    out = jnp.where(positive, jnp.log(jnp.where(positive, s, 1.0)), -jnp.inf) + m
+    # Guard the log so that the (unused) branch at s == 0 has a finite gradient; NaN stays NaN.
+    empty = s == 0
+    out = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, s))) + m
+    # Compiled reductions need not propagate NaN (XLA's max may drop it), so flag it explicitly.
+    out = jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=True), jnp.nan, out)
     if axis is None:
         return out.reshape(())
     return jnp.squeeze(out, axis=axis)

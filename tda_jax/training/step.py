@@ -11,6 +11,7 @@ computation (equal up to floating-point reassociation under ``vmap``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -76,3 +77,30 @@ def make_train_step(model: nn.Module, config: TrainConfig) -> TrainStep:
 
     return TrainStep(init=init, init_opt_state=optimizer.init, step=step, batch_loss=batch_loss,
                      optimizer=optimizer)
+
+
+class JittedTrainStep(NamedTuple):
+    """Jitted ``init`` and ``step`` of a :class:`TrainStep` (see :func:`jitted_train_step`)."""
+
+    train_step: TrainStep
+    init: Callable[[jax.Array, jax.Array], tuple[Params, Any]]
+    step: Callable[[Params, Any, Batch], tuple[Params, Any, jax.Array]]
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_jitted_train_step(model: nn.Module, config: TrainConfig) -> JittedTrainStep:
+    train_step = make_train_step(model, config)
+    return JittedTrainStep(train_step, jax.jit(train_step.init), jax.jit(train_step.step))
+
+
+def jitted_train_step(model: nn.Module, config: TrainConfig) -> JittedTrainStep:
+    """Jitted training functions, reused across calls for equal (hashable) models and configs.
+
+    Repeated ``train`` calls with the same architecture and settings (ensembles, tests) then
+    compile once. Modules with unhashable attributes (e.g. list-valued sizes) are not cached.
+    """
+    try:
+        hash((model, config))
+    except TypeError:
+        return _cached_jitted_train_step.__wrapped__(model, config)
+    return _cached_jitted_train_step(model, config)

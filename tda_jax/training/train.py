@@ -23,7 +23,7 @@ from tda_jax.training.checkpoints import (
     save_checkpoint,
 )
 from tda_jax.training.config import TrainConfig
-from tda_jax.training.step import epoch_key, make_train_step, split_training_key
+from tda_jax.training.step import epoch_key, jitted_train_step, split_training_key
 
 Params = Any
 
@@ -117,13 +117,13 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
     if save_at and checkpoint_dir is None:
         raise ValueError("checkpoint_steps were given but checkpoint_dir is None; pass one.")
 
-    train_step = make_train_step(model, config)
+    jitted = jitted_train_step(model, config)
     init_key, shuffle_key = split_training_key(key)
     if params is None:
-        params, opt_state = jax.jit(train_step.init)(init_key, jnp.asarray(train_data.inputs[:1]))
+        params, opt_state = jitted.init(init_key, jnp.asarray(train_data.inputs[:1]))
     else:
-        opt_state = train_step.init_opt_state(params)
-    step_fn = jax.jit(train_step.step, donate_argnums=(0, 1))
+        opt_state = jitted.train_step.init_opt_state(params)
+    step_fn = jitted.step
 
     def order_of(epoch: int) -> np.ndarray:
         return shuffled_order(epoch_key(shuffle_key, epoch), n)

@@ -10,6 +10,7 @@ training up to floating-point reassociation.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -92,6 +93,20 @@ def make_train_one(model: nn.Module, config: TrainConfig, subset_size: int):
     return train_one
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int):
+    return jax.jit(jax.vmap(make_train_one(model, config, subset_size), in_axes=(0, 0, None, None)))
+
+
+def _jitted_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int):
+    """The jitted vmapped trainer, reused across calls when ``model`` is hashable."""
+    try:
+        hash(model)
+    except TypeError:
+        return _cached_train_chunk.__wrapped__(model, config, subset_size)
+    return _cached_train_chunk(model, config, subset_size)
+
+
 def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np.ndarray,
                config: TrainConfig, models_per_chunk: int = 50) -> Params:
     """Trains ``M`` models at once: model ``m`` on ``subset(train_data, masks[m])``, ``keys[m]``.
@@ -130,8 +145,7 @@ def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np
     chunk = min(int(models_per_chunk), num_models)
     steps_per_epoch = -(-subset_size // int(config.batch_size))
 
-    train_one = make_train_one(model, config, subset_size)
-    train_chunk = jax.jit(jax.vmap(train_one, in_axes=(0, 0, None, None)))
+    train_chunk = _jitted_train_chunk(model, config, subset_size)
     inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
 
     outputs = []

@@ -1,0 +1,24 @@
+"""Launches the MI-bounds experiment: ``--config`` (ml_collections config file) and ``--workdir``.
+
+    python -m experiments.mi_bounds.main --config=experiments/mi_bounds/configs/default.py \
+        --workdir=workdirs/mi_bounds
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.mi_bounds.run import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, figures and stages.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
