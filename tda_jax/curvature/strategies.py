@@ -47,7 +47,7 @@ def check_strategy(strategy: str) -> None:
 
 
 def covariance_statistics(a: Array, g: Array, mask: Array) -> dict[str, Array]:
-    """Sums for the Kronecker factors of one batch: ``{"A": [in, in], "G": [out, out], "tokens", "examples"}``.
+    """Sums for the Kronecker factors of one batch: ``{"A": [in, in], "G": [out, out]}``.
 
     ``a`` rows of padded examples are zeroed with ``mask``; ``g`` is already zero there.
     """
