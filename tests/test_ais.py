@@ -8,13 +8,14 @@ Bounds are checked with standard errors from the chains themselves, so a sign fl
 ``- log C`` (log 64 ≈ 4.2 nats) or a reversed step-size map fails.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tda_jax import mcmc
-from tda_jax.mcmc import ais as ais_module
 
 D = 10
 LAM = jnp.linspace(1.0, 30.0, D)
@@ -24,6 +25,7 @@ LOG_Z = float(C_LIK + jnp.sum(-0.5 * jnp.log1p(LAM) - 0.5 * LAM * M**2 / (1.0 + 
 POST_MEAN = LAM * M / (1.0 + LAM)
 POST_SD = 1.0 / jnp.sqrt(1.0 + LAM)
 NUM_CHAINS = 64
+ais_module = importlib.import_module("tda_jax.mcmc.ais")  # `mcmc.ais` is the function
 
 
 def log_prior(z):
@@ -75,18 +77,18 @@ def tuned():
 def test_single_step_weights_are_the_likelihood_and_unbiased():
     """T = 1 is importance sampling with the prior as proposal: exact oracle for both signs."""
     betas = jnp.array([0.0, 1.0])
-    z_prior = prior_samples(jax.random.key(2), 20000)
+    z_prior = prior_samples(jax.random.key(2), 4000)
     forward = mcmc.ais(jax.random.key(3), z_prior, log_prior, log_lik, betas, 0.1)
-    np.testing.assert_allclose(forward.log_weights, jax.vmap(log_lik)(z_prior), rtol=1e-6)
+    np.testing.assert_allclose(forward.log_weights, jax.vmap(log_lik)(z_prior), rtol=1e-5, atol=1e-5)
     # E[w] = Z exactly.
     se = relative_standard_error_of_mean_weight(forward.log_weights)
     estimate = float(mcmc.ais_log_normalizer_lower(forward.log_weights))
     assert abs(estimate - LOG_Z) < 4 * se, (estimate, LOG_Z, se)
 
-    z_post = posterior_samples(jax.random.key(4), 20000)
+    z_post = posterior_samples(jax.random.key(4), 4000)
     reverse = mcmc.ais(jax.random.key(5), z_post, log_prior, log_lik, betas, 0.1, reverse=True)
     # Reverse value is -log w_rev = +log L(z_0) for the one step 1 -> 0.
-    np.testing.assert_allclose(reverse.log_weights, jax.vmap(log_lik)(z_post), rtol=1e-6)
+    np.testing.assert_allclose(reverse.log_weights, jax.vmap(log_lik)(z_post), rtol=1e-5, atol=1e-5)
     # E[exp(-value)] = 1 / Z exactly.
     se = relative_standard_error_of_mean_weight(-reverse.log_weights)
     estimate = float(mcmc.ais_log_normalizer_upper(reverse.log_weights))
@@ -193,12 +195,12 @@ def test_tuned_step_sizes_shrink_with_beta_and_hit_target(tuned):
 
 def test_annealed_chain_matches_documented_reverse_convention():
     """Decreasing betas with reverse_step_sizes in annealed_chain == ais(reverse=True)."""
-    betas = mcmc.linear_schedule(5)
-    step_sizes = jnp.linspace(0.3, 0.1, 5)
-    z_post = posterior_samples(jax.random.key(15), 2)
+    betas = mcmc.linear_schedule(10)  # same shapes as the T = 10 runs: no new compile of ais
+    step_sizes = jnp.linspace(0.3, 0.1, 10)
+    z_post = posterior_samples(jax.random.key(15))
     key = jax.random.key(16)
     result = mcmc.ais(key, z_post, log_prior, log_lik, betas, step_sizes, reverse=True)
-    chain_keys = jax.random.split(key, 2)
+    chain_keys = jax.random.split(key, NUM_CHAINS)
     log_w, position, _ = jax.jit(mcmc.annealed_chain, static_argnums=(2, 3))(
         chain_keys[0],
         z_post[0],
@@ -212,11 +214,12 @@ def test_annealed_chain_matches_documented_reverse_convention():
 
 
 def test_new_schedule_values_do_not_recompile():
-    z = prior_samples(jax.random.key(17), 4)
+    z = prior_samples(jax.random.key(17))
     before = ais_module._ais_chains._cache_size()
     for start in (1e-2, 1e-3, 1e-4):
-        mcmc.ais(jax.random.key(0), z, log_prior, log_lik, mcmc.geometric_schedule(7, start), 0.1)
-    assert ais_module._ais_chains._cache_size() - before == 1
+        betas = mcmc.geometric_schedule(10, start)
+        mcmc.ais(jax.random.key(0), z, log_prior, log_lik, betas, 0.1)
+    assert ais_module._ais_chains._cache_size() - before <= 1
 
 
 def nan_likelihood(z):
@@ -226,9 +229,7 @@ def nan_likelihood(z):
 
 def test_nan_likelihood_region_is_never_entered():
     z = jnp.clip(prior_samples(jax.random.key(18)), -1.0, 1.0)
-    result = mcmc.ais(
-        jax.random.key(19), z, log_prior, nan_likelihood, mcmc.linear_schedule(20), 0.5
-    )
+    result = mcmc.ais(jax.random.key(19), z, log_prior, nan_likelihood, mcmc.linear_schedule(10), 0.5)
     assert np.all(np.isfinite(np.asarray(result.log_weights)))
     assert np.all(np.asarray(result.positions[:, 0]) <= 1.5)
 

@@ -29,10 +29,10 @@ def test_mlp_shapes_and_flattening():
 def test_cnn1d_shapes_and_channel_axis():
     model = CNN1D(channels=(4, 8), kernel_size=5, hidden_size=16, num_outputs=10)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 40))
-    params = model.init(jax.random.PRNGKey(1), x)
-    out = model.apply(params, x)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    out = jax.jit(model.apply)(params, x)
     assert out.shape == (3, 10)
-    np.testing.assert_allclose(out, model.apply(params, x[..., None]), rtol=1e-6)
+    np.testing.assert_allclose(out, jax.jit(model.apply)(params, x[..., None]), rtol=1e-6)
     assert _layer_names(params) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
     with pytest.raises(ValueError, match="CNN1D"):
         model.apply(params, jnp.zeros((3, 40, 1, 1)))
@@ -41,10 +41,10 @@ def test_cnn1d_shapes_and_channel_axis():
 def test_cnn2d_shapes_and_flat_inputs():
     model = CNN2D(channels=(4, 8), kernel_size=3, hidden_size=16, num_outputs=10)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
-    params = model.init(jax.random.PRNGKey(1), x)
-    out = model.apply(params, x)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    out = jax.jit(model.apply)(params, x)
     assert out.shape == (3, 10)
-    np.testing.assert_allclose(out, model.apply(params, x.reshape(3, 64)), rtol=1e-6)
+    np.testing.assert_allclose(out, jax.jit(model.apply)(params, x.reshape(3, 64)), rtol=1e-6)
     with pytest.raises(ValueError, match="square"):
         model.apply(params, jnp.zeros((3, 63)))
 
@@ -57,7 +57,8 @@ def test_cnn2d_shapes_and_flat_inputs():
 def test_examples_are_independent(model, shape):
     # Per-example attribution relies on row i of the output depending only on row i of the input.
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    params = model.init(jax.random.PRNGKey(1), x)
-    full = model.apply(params, x)
-    rows = jnp.concatenate([model.apply(params, x[i:i + 1]) for i in range(shape[0])])
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    apply = jax.jit(model.apply)
+    full = apply(params, x)
+    rows = jnp.concatenate([apply(params, x[i:i + 1]) for i in range(shape[0])])
     np.testing.assert_allclose(full, rows, rtol=1e-5, atol=1e-6)

@@ -23,23 +23,26 @@ WEIGHTS = np.array([0.05, 0.0, 0.31, 0.12, 0.02, 0.28, 0.22], np.float32)
 NUM_KEYS = 4000
 
 
-def _offspring_counts(scheme, weights, num_samples):
-    """Offspring counts [NUM_KEYS, N] over NUM_KEYS independent keys (one compile)."""
+def _offspring_counts(weights, num_samples):
+    """Per scheme: offspring counts [NUM_KEYS, N] and ancestors over NUM_KEYS keys (one compile)."""
     keys = jax.random.split(jax.random.key(123), NUM_KEYS)
     n = weights.shape[0]
 
     def counts(key):
-        idx = scheme(key, jnp.asarray(weights), num_samples)
-        return jnp.zeros(n, jnp.int32).at[idx].add(1), idx
+        out = {}
+        for name, scheme in SCHEMES.items():
+            idx = scheme(key, jnp.asarray(weights), num_samples)
+            out[name] = (jnp.zeros(n, jnp.int32).at[idx].add(1), idx)
+        return out
 
-    c, idx = jax.jit(jax.vmap(counts))(keys)
-    return np.asarray(c), np.asarray(idx)
+    results = jax.jit(jax.vmap(counts))(keys)
+    return {name: (np.asarray(c), np.asarray(i)) for name, (c, i) in results.items()}
 
 
 @pytest.fixture(scope="module", params=[7, 13], ids=["M=N", "M=13"])
 def counts_by_scheme(request):
     m = request.param
-    return m, {name: _offspring_counts(fn, WEIGHTS, m) for name, fn in SCHEMES.items()}
+    return m, _offspring_counts(WEIGHTS, m)
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))

@@ -327,6 +327,8 @@ def test_sharded_particles_match_single_device():
     np.testing.assert_allclose(out4.state.particles, out1.state.particles, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         smc_step(key, init(jnp.zeros(6)), lgssm_proposal, lgssm_potential, mesh=mesh4)
+    with pytest.raises(ValueError, match="divisible"):
+        run_smc(key, init(jnp.zeros(6)), lgssm_proposal, lgssm_potential, 2, mesh=mesh4)
 
 
 # ---------------------------------------------------------------------------------------------

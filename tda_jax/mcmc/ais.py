@@ -271,16 +271,12 @@ def annealed_chain(
             )
             return x, x_ld, x_grad, acc + a
 
-        z, _, _, acc = jax.lax.fori_loop(
-            0, num_mcmc_steps, mcmc_step, (z, ld, grad, jnp.zeros((), dtype))
-        )
+        z, _, _, acc = jax.lax.fori_loop(0, num_mcmc_steps, mcmc_step, (z, ld, grad, jnp.zeros((), dtype)))
         return (z, log_w, acc_sum + acc), None
 
     keys = jax.random.split(key, num_steps)
     init = (initial_position, jnp.zeros((), dtype), jnp.zeros((), dtype))
-    (z, log_w, acc_sum), _ = jax.lax.scan(
-        anneal_step, init, (betas[:-1], betas[1:], step_sizes, keys)
-    )
+    (z, log_w, acc_sum), _ = jax.lax.scan(anneal_step, init, (betas[:-1], betas[1:], step_sizes, keys))
     return direction * log_w, z, acc_sum / (num_steps * num_mcmc_steps)
 
 
@@ -344,9 +340,7 @@ def check_initial_positions(
             "annealed_chain or add a leading axis."
         )
     if not jnp.issubdtype(jnp.result_type(initial_positions), jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a floating dtype, got {jnp.result_type(initial_positions)}."
-        )
+        raise TypeError(f"`{name}` must have a floating dtype, got {jnp.result_type(initial_positions)}.")
     if isinstance(initial_positions, jax.core.Tracer):
         return
     log_prior, log_lik = _initial_terms(

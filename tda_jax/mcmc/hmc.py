@@ -150,9 +150,7 @@ def leapfrog(
         p = p + 0.5 * step_size * g
         return z, p, ld, g
 
-    return jax.lax.fori_loop(
-        0, num_integration_steps, one_step, (position, momentum, log_density, grad)
-    )
+    return jax.lax.fori_loop(0, num_integration_steps, one_step, (position, momentum, log_density, grad))
 
 
 def hmc_step_from_value_and_grad(
@@ -177,9 +175,7 @@ def hmc_step_from_value_and_grad(
             )
     key_momentum, key_accept = jax.random.split(key)
     # Momentum p ~ N(0, M) with M = diag(1 / inverse_mass_diag).
-    momentum = jax.random.normal(key_momentum, state.position.shape, dtype) / jnp.sqrt(
-        inverse_mass_diag
-    )
+    momentum = jax.random.normal(key_momentum, state.position.shape, dtype) / jnp.sqrt(inverse_mass_diag)
     z, p, ld, g = leapfrog(
         value_and_grad_fn,
         state.position,

@@ -75,9 +75,7 @@ def mala_step_from_value_and_grad(
     def log_proposal(to, frm, grad_frm):
         return -jnp.sum((to - frm - tau * grad_frm) ** 2) / (4.0 * tau)
 
-    log_ratio = (
-        ld_new - state.log_density + log_proposal(z, z_new, g_new) - log_proposal(z_new, z, g)
-    )
+    log_ratio = ld_new - state.log_density + log_proposal(z, z_new, g_new) - log_proposal(z_new, z, g)
     finite = jnp.isfinite(log_ratio) & jnp.all(jnp.isfinite(g_new)) & jnp.all(jnp.isfinite(z_new))
     log_accept = jnp.where(finite, jnp.minimum(0.0, log_ratio), -jnp.inf)
     acceptance_probability = jnp.exp(log_accept)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 Array = jax.Array
 LogLikelihoodFn = Callable[[Array, Array], Array]  # (x [x_dim], z [z_dim]) -> scalar
@@ -60,25 +61,47 @@ class Proposal(NamedTuple):
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def diagonal_gaussian_proposal(mean_and_log_std_fn: Callable[[Array], tuple[Array, Array]]) -> Proposal:
-    """``q(z|x) = N(mean(x), diag(exp(2 log_std(x))))`` from ``x -> (mean [z_dim], log_std [z_dim])``."""
+def as_partial(fn: Callable) -> Partial:
+    """Wraps a callable as a :class:`jax.tree_util.Partial` (a pytree) unless it already is one.
 
-    def sample(key: Array, x: Array) -> Array:
-        mean, log_std = mean_and_log_std_fn(x)
-        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+    A ``Partial(module_level_fn, arrays...)`` can be passed through ``jit`` as an argument: its
+    arrays are traced, so compiled code is reused for new arrays of the same shapes.
+    """
+    return fn if isinstance(fn, Partial) else Partial(fn)
 
-    def log_prob(x: Array, z: Array) -> Array:
-        mean, log_std = mean_and_log_std_fn(x)
-        u = (z - mean) * jnp.exp(-log_std)
-        return jnp.sum(-0.5 * u**2 - log_std - 0.5 * _LOG_2PI)
 
-    return Proposal(sample, log_prob)
+def _diagonal_gaussian_sample(mean_and_log_std_fn, key: Array, x: Array) -> Array:
+    mean, log_std = mean_and_log_std_fn(x)
+    return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def _diagonal_gaussian_log_prob(mean_and_log_std_fn, x: Array, z: Array) -> Array:
+    mean, log_std = mean_and_log_std_fn(x)
+    u = (z - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * u**2 - log_std - 0.5 * _LOG_2PI)
+
+
+def diagonal_gaussian_proposal(
+    mean_and_log_std_fn: Callable[[Array], tuple[Array, Array]],
+) -> Proposal:
+    """``q(z|x) = N(mean(x), diag(exp(2 log_std(x))))`` from ``x -> (mean, log_std)`` ``[z_dim]``.
+
+    The returned functions are :class:`jax.tree_util.Partial` objects (pytrees), so a proposal
+    built from ``Partial(encoder_apply, params)`` can be passed into jitted code with traced
+    parameters.
+    """
+    fn = as_partial(mean_and_log_std_fn)
+    return Proposal(Partial(_diagonal_gaussian_sample, fn), Partial(_diagonal_gaussian_log_prob, fn))
+
+
+def _zeros_mean_and_log_std(zeros: Array, x: Array) -> tuple[Array, Array]:
+    return zeros, zeros
 
 
 def standard_normal_proposal(z_dim: int) -> Proposal:
     """The prior ``p(z) = N(0, I_{z_dim})`` as a proposal that ignores ``x``."""
     zeros = jnp.zeros((z_dim,), jnp.float32)
-    return diagonal_gaussian_proposal(lambda x: (zeros, zeros))
+    return diagonal_gaussian_proposal(Partial(_zeros_mean_and_log_std, zeros))
 
 
 def log_mean_exp(values: Array, axis: int = -1) -> Array:

@@ -2,7 +2,9 @@
 
 Every loop draws a fresh batch from ``sample_joint_fn(key, batch_size) -> (x [B, x_dim],
 z [B, z_dim])`` at each step (a generative model can be sampled without limit), jits its step once,
-and runs Adam with a cosine-decayed learning rate under a progress bar.
+and runs Adam with a cosine-decayed learning rate under a progress bar. Callables may be given as
+``jax.tree_util.Partial(module_level_fn, arrays...)``: the bound arrays are then traced and the
+compiled step is reused across calls (e.g. across the models of a sweep).
 
 * :func:`fit_encoder`: maximizes the Barber-Agakov objective ``E log q(z|x)`` (``p(z)`` is fixed).
 * :func:`fit_giwae_critic`: maximizes GIWAE over the critic for a fixed proposal.
@@ -14,6 +16,7 @@ and runs Adam with a cosine-decayed learning rate under a progress bar.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tda_jax.mi.bounds import Proposal, diagonal_gaussian_proposal, giwae_lower
+from tda_jax.mi.bounds import (
+    Proposal,
+    as_partial,
+    check_num_samples,
+    diagonal_gaussian_proposal,
+    giwae_lower,
+)
 from tda_jax.mi.mine import (
     critic_score_matrix,
     energy_based_surrogate,
@@ -56,32 +65,84 @@ def _check_loop(num_steps: int, batch_size: int) -> None:
         raise ValueError(f"`batch_size` must be an int >= 2, got {batch_size!r}.")
 
 
-def _run(key, params, objective_fn, num_steps, learning_rate, desc, extra=None, update_extra=None):
-    """Maximizes ``objective_fn(params, key, extra) -> (value, aux)`` with Adam."""
+@functools.partial(jax.jit, static_argnames=("objective", "static", "num_steps", "learning_rate"))
+def _train_step(params, opt_state, key, extra, callables, *, objective, static, num_steps,
+                learning_rate):
+    """One Adam ascent step on ``objective(params, key, extra, callables, static)``."""
     optimizer = _optimizer(learning_rate, num_steps)
-    opt_state = optimizer.init(params)
+    (value, aux), grads = jax.value_and_grad(
+        lambda p: objective(p, key, extra, callables, static), has_aux=True
+    )(params)
+    grads = jax.tree.map(jnp.negative, grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value, aux
 
-    @jax.jit
-    def step(params, opt_state, extra, step_key):
-        (value, aux), grads = jax.value_and_grad(
-            lambda p: objective_fn(p, step_key, extra), has_aux=True
-        )(params)
-        grads = jax.tree.map(jnp.negative, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value, aux
 
-    history = np.zeros(num_steps, np.float32)
+def _run(key, params, objective, callables, static, num_steps, learning_rate, desc, extra=None,
+         update_extra=None):
+    """Maximizes ``objective`` with Adam; the jitted step is shared by every call with the same
+    objective, static settings and callables' structure."""
+    opt_state = _optimizer(learning_rate, num_steps).init(params)
+    callables = tuple(as_partial(fn) for fn in callables)
+    history = np.full(num_steps, np.nan, np.float32)
     for i, step_key in enumerate(progress(jax.random.split(key, num_steps), desc=desc)):
-        params, opt_state, value, aux = step(params, opt_state, extra, step_key)
+        params, opt_state, value, aux = _train_step(
+            params, opt_state, step_key, extra, callables, objective=objective, static=static,
+            num_steps=num_steps, learning_rate=float(learning_rate),
+        )
         if update_extra is not None:
             extra = update_extra(extra, aux)
-        history[i] = float(value) if i % 10 == 0 or i == num_steps - 1 else np.nan
+        if i % 10 == 0 or i == num_steps - 1:
+            history[i] = float(value)
     if not np.isfinite(history[-1]):
         raise FloatingPointError(
             f"{desc}: the training objective became non-finite ({history[-1]}); lower the "
             "learning rate."
         )
     return FitResult(params, history), extra
+
+
+def _encoder_objective(p, key, extra, callables, static):
+    encoder_fn, sample_joint_fn = callables
+    (batch_size,) = static
+    x, z = sample_joint_fn(key, batch_size)
+    proposal = diagonal_gaussian_proposal(lambda xi: encoder_fn(p, xi))
+    return jnp.mean(jax.vmap(proposal.log_prob)(x, z)), None
+
+
+def _giwae_objective(p, key, extra, callables, static):
+    critic_fn, proposal_sample, proposal_log_prob, log_prior_fn, sample_joint_fn = callables
+    batch_size, num_samples = static
+    key_data, key_bound = jax.random.split(key)
+    x, z = sample_joint_fn(key_data, batch_size)
+    values = giwae_lower(
+        key_bound, x, z, lambda xi, zi: critic_fn(p, xi, zi), log_prior_fn,
+        Proposal(proposal_sample, proposal_log_prob), num_samples,
+    )
+    return jnp.mean(values), None
+
+
+def _mine_objective(p, key, extra, callables, static):
+    critic_fn, sample_joint_fn = callables
+    batch_size, objective = static
+    estimator = {"dv": mine_dv_lower, "f": mine_f_lower}[objective]
+    x, z = sample_joint_fn(key, batch_size)
+    scores = critic_score_matrix(lambda xi, zi: critic_fn(p, xi, zi), x, z)
+    return estimator(scores), None
+
+
+def _mine_ais_objective(p, key, log_step_size, callables, static):
+    critic_fn, log_prior_fn, sample_joint_fn = callables
+    batch_size, num_hmc_steps, num_integration_steps = static
+    key_data, key_hmc = jax.random.split(key)
+    x, z = sample_joint_fn(key_data, batch_size)
+    frozen = jax.lax.stop_gradient(p)
+    z_negative, acceptance = sample_energy_posterior(
+        key_hmc, x, z, lambda xi, zi: critic_fn(frozen, xi, zi), log_prior_fn,
+        jnp.exp(log_step_size), num_hmc_steps, num_integration_steps,
+    )
+    surrogate = energy_based_surrogate(lambda xi, zi: critic_fn(p, xi, zi), x, z, z_negative)
+    return surrogate, acceptance
 
 
 def fit_encoder(
@@ -108,13 +169,10 @@ def fit_encoder(
       :class:`FitResult` with the mean ``log q(z|x)`` per step.
     """
     _check_loop(num_steps, batch_size)
-
-    def objective(p, step_key, _):
-        x, z = sample_joint_fn(step_key, batch_size)
-        proposal = diagonal_gaussian_proposal(lambda xi: encoder_fn(p, xi))
-        return jnp.mean(jax.vmap(proposal.log_prob)(x, z)), None
-
-    return _run(key, params, objective, num_steps, learning_rate, "fit encoder (BA)")[0]
+    return _run(
+        key, params, _encoder_objective, (encoder_fn, sample_joint_fn), (batch_size,), num_steps,
+        learning_rate, "fit encoder (BA)",
+    )[0]
 
 
 def fit_giwae_critic(
@@ -135,17 +193,12 @@ def fit_giwae_critic(
       :class:`FitResult` with the GIWAE training estimate per step.
     """
     _check_loop(num_steps, batch_size)
-
-    def objective(p, step_key, _):
-        key_data, key_bound = jax.random.split(step_key)
-        x, z = sample_joint_fn(key_data, batch_size)
-        values = giwae_lower(
-            key_bound, x, z, lambda xi, zi: critic_fn(p, xi, zi), log_prior_fn, proposal,
-            num_samples,
-        )
-        return jnp.mean(values), None
-
-    return _run(key, params, objective, num_steps, learning_rate, "fit GIWAE critic")[0]
+    check_num_samples(num_samples)
+    callables = (critic_fn, proposal.sample, proposal.log_prob, log_prior_fn, sample_joint_fn)
+    return _run(
+        key, params, _giwae_objective, callables, (batch_size, num_samples), num_steps,
+        learning_rate, "fit GIWAE critic",
+    )[0]
 
 
 def fit_mine_critic(
@@ -163,17 +216,12 @@ def fit_mine_critic(
     Negatives are the off-diagonal pairs of each batch (:func:`tda_jax.mi.mine.critic_score_matrix`).
     """
     _check_loop(num_steps, batch_size)
-    estimators = {"dv": mine_dv_lower, "f": mine_f_lower}
-    if objective not in estimators:
+    if objective not in ("dv", "f"):
         raise ValueError(f"`objective` must be 'dv' or 'f', got {objective!r}.")
-    estimator = estimators[objective]
-
-    def objective_fn(p, step_key, _):
-        x, z = sample_joint_fn(step_key, batch_size)
-        scores = critic_score_matrix(lambda xi, zi: critic_fn(p, xi, zi), x, z)
-        return estimator(scores), None
-
-    return _run(key, params, objective_fn, num_steps, learning_rate, f"fit MINE-{objective}")[0]
+    return _run(
+        key, params, _mine_objective, (critic_fn, sample_joint_fn), (batch_size, objective),
+        num_steps, learning_rate, f"fit MINE-{objective}",
+    )[0]
 
 
 def fit_mine_ais_critic(
@@ -203,22 +251,12 @@ def fit_mine_ais_critic(
     """
     _check_loop(num_steps, batch_size)
 
-    def objective(p, step_key, log_step_size):
-        key_data, key_hmc = jax.random.split(step_key)
-        x, z = sample_joint_fn(key_data, batch_size)
-        critic = lambda xi, zi: critic_fn(p, xi, zi)
-        frozen = lambda xi, zi: critic_fn(jax.lax.stop_gradient(p), xi, zi)
-        z_negative, acceptance = sample_energy_posterior(
-            key_hmc, x, z, frozen, log_prior_fn, jnp.exp(log_step_size), num_hmc_steps,
-            num_integration_steps,
-        )
-        return energy_based_surrogate(critic, x, z, z_negative), acceptance
-
     def update(log_step_size, acceptance):
         return log_step_size + 0.1 * (acceptance - target_acceptance)
 
     result, log_step_size = _run(
-        key, params, objective, num_steps, learning_rate, "fit MINE-AIS critic",
-        extra=jnp.log(jnp.float32(initial_step_size)), update_extra=update,
+        key, params, _mine_ais_objective, (critic_fn, log_prior_fn, sample_joint_fn),
+        (batch_size, num_hmc_steps, num_integration_steps), num_steps, learning_rate,
+        "fit MINE-AIS critic", extra=jnp.log(jnp.float32(initial_step_size)), update_extra=update,
     )
     return result, float(jnp.exp(log_step_size))

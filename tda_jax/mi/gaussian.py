@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 Array = jax.Array
 
@@ -275,3 +276,20 @@ def optimal_diagonal_encoder(model: LinearGaussianModel) -> tuple[Array, Array]:
     cov = jnp.linalg.inv(precision)
     matrix = cov @ model.weight.T / model.noise_std**2
     return matrix, 0.5 * jnp.log(jnp.diag(cov))
+
+
+def _sample_joint_model_first(model: LinearGaussianModel, key: Array, num_samples: int):
+    return sample_joint(key, model, num_samples)
+
+
+def likelihood_fn(model: LinearGaussianModel) -> Partial:
+    """``(x [x_dim], z [z_dim]) -> log p(x|z)`` as a ``Partial`` with the model as traced leaves.
+
+    Jitted code taking it as an argument compiles once for all models of the same shapes.
+    """
+    return Partial(log_likelihood, model)
+
+
+def joint_sampler(model: LinearGaussianModel) -> Partial:
+    """``(key, n) -> (x [n, x_dim], z [n, z_dim])`` as a ``Partial`` with traced model leaves."""
+    return Partial(_sample_joint_model_first, model)

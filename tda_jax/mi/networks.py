@@ -18,11 +18,14 @@ examples. Inputs are expected on a unit scale (standardize ``x`` first, see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 Array = jax.Array
 
@@ -59,15 +62,36 @@ class DecoderCritic(nn.Module):
         return value
 
 
-def standardized_critic(
-    module: nn.Module, x_mean: Array, x_std: Array
-) -> Callable[[dict, Array, Array], Array]:
-    """``(params, x, z) -> module.apply(params, (x - x_mean) / x_std, z)`` for one example."""
+@dataclasses.dataclass(frozen=True)
+class _StandardizedCriticApply:
+    """Hashable (by module) function ``(x_mean, x_std, params, x, z) -> T``."""
 
-    def critic(params: dict, x: Array, z: Array) -> Array:
-        return module.apply(params, (x - x_mean) / x_std, z)
+    module: nn.Module
 
-    return critic
+    def __call__(self, x_mean: Array, x_std: Array, params: Any, x: Array, z: Array) -> Array:
+        return self.module.apply(params, (x - x_mean) / x_std, z)
+
+
+def standardized_critic(module: nn.Module, x_mean: Array, x_std: Array) -> Partial:
+    """``(params, x, z) -> module.apply(params, (x - x_mean) / x_std, z)`` for one example.
+
+    Returned as a :class:`jax.tree_util.Partial` with ``x_mean`` and ``x_std`` as traced leaves, so
+    jitted code taking it as an argument compiles once per module configuration.
+    """
+    return Partial(_StandardizedCriticApply(module), jnp.asarray(x_mean), jnp.asarray(x_std))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StandardizedEncoderApply:
+    module: nn.Module
+
+    def __call__(self, x_mean: Array, x_std: Array, params: Any, x: Array):
+        return self.module.apply(params, (x - x_mean) / x_std)
+
+
+def standardized_encoder(module: nn.Module, x_mean: Array, x_std: Array) -> Partial:
+    """``(params, x) -> module.apply(params, (x - x_mean) / x_std)`` as a ``Partial``."""
+    return Partial(_StandardizedEncoderApply(module), jnp.asarray(x_mean), jnp.asarray(x_std))
 
 
 class GaussianEncoder(nn.Module):

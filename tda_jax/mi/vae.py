@@ -10,8 +10,9 @@ Functions return plain callables matching :mod:`tda_jax.mi.bounds`: one example 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 
 from tda_jax.mi.bounds import Proposal, diagonal_gaussian_proposal
 from tda_jax.progress import progress
@@ -134,31 +136,47 @@ def train_vae(
     return params, history
 
 
-def vae_log_likelihood(module: GaussianVAE, params: Any) -> Callable[[Array, Array], Array]:
-    """``(x [x_dim], z [latent_dim]) -> log p(x|z)`` of the VAE's decoder."""
+# Small frozen dataclasses: hashable and equal by module, so jitted code that receives
+# ``Partial(_VAELogLikelihood(module), params)`` compiles once per module configuration.
+@dataclasses.dataclass(frozen=True)
+class _VAELogLikelihood:
+    module: GaussianVAE
 
-    def log_likelihood(x: Array, z: Array) -> Array:
-        mean, log_std = module.apply(params, z, method=GaussianVAE.decode)
+    def __call__(self, params: Any, x: Array, z: Array) -> Array:
+        mean, log_std = self.module.apply(params, z, method=GaussianVAE.decode)
         return _gaussian_log_prob(x, mean, log_std)
 
-    return log_likelihood
+
+@dataclasses.dataclass(frozen=True)
+class _VAEEncode:
+    module: GaussianVAE
+
+    def __call__(self, params: Any, x: Array) -> tuple[Array, Array]:
+        return self.module.apply(params, x, method=GaussianVAE.encode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VAESampleJoint:
+    module: GaussianVAE
+
+    def __call__(self, params: Any, key: Array, n: int) -> tuple[Array, Array]:
+        key_z, key_x = jax.random.split(key)
+        z = jax.random.normal(key_z, (n, self.module.latent_dim), jnp.float32)
+        mean, log_std = self.module.apply(params, z, method=GaussianVAE.decode)
+        x = mean + jnp.exp(log_std) * jax.random.normal(key_x, mean.shape, mean.dtype)
+        return x, z
+
+
+def vae_log_likelihood(module: GaussianVAE, params: Any) -> Partial:
+    """``(x [x_dim], z [latent_dim]) -> log p(x|z)`` of the VAE's decoder (a ``Partial``)."""
+    return Partial(_VAELogLikelihood(module), params)
 
 
 def vae_proposal(module: GaussianVAE, params: Any) -> Proposal:
     """The VAE encoder as a proposal ``q(z|x)``."""
-    return diagonal_gaussian_proposal(
-        lambda x: module.apply(params, x, method=GaussianVAE.encode)
-    )
+    return diagonal_gaussian_proposal(Partial(_VAEEncode(module), params))
 
 
-def vae_sample_joint(module: GaussianVAE, params: Any) -> Callable[[Array, int], tuple[Array, Array]]:
+def vae_sample_joint(module: GaussianVAE, params: Any) -> Partial:
     """``(key, n) -> (x [n, x_dim], z [n, latent_dim])`` ancestral samples of ``p(z) p(x|z)``."""
-
-    def sample(key: Array, n: int) -> tuple[Array, Array]:
-        key_z, key_x = jax.random.split(key)
-        z = jax.random.normal(key_z, (n, module.latent_dim), jnp.float32)
-        mean, log_std = module.apply(params, z, method=GaussianVAE.decode)
-        x = mean + jnp.exp(log_std) * jax.random.normal(key_x, mean.shape, mean.dtype)
-        return x, z
-
-    return sample
+    return Partial(_VAESampleJoint(module), params)

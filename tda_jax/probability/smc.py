@@ -417,6 +417,7 @@ def run_smc(
       >>> result = jax.jit(run_smc, static_argnums=(2, 3, 4))(key, state, propose, log_g, 50)
       >>> result.log_normalizer
     """
+    _check_mesh(mesh, num_particles_of(state.particles))
     kernel = build_kernel(proposal_fn, log_potential_fn, resampling_fn, ess_threshold, mesh)
     state = state._replace(particles=_constrain(state.particles, mesh))
     return _run(key, state, kernel, num_steps)
