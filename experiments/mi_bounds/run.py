@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.tree_util import Partial
 
 from tda_jax import io as tio
 from tda_jax import mi
@@ -52,20 +53,18 @@ BOUND_NAMES = (
 )
 
 
-def _standard_normal(key: Array, z_dim: int) -> Array:
-    return jax.random.normal(key, (z_dim,), jnp.float32)
-
-
-def _importance_critic(critic_fn, proposal: mi.Proposal):
+def _importance_critic_apply(critic_fn, proposal_log_prob, params, x, z):
     """GIWAE critic ``T(x,z) = r_theta(x,z) + log p(z) - log q(z|x)`` (importance-weight shaped)."""
+    return critic_fn(params, x, z) + mi.log_prior(z) - proposal_log_prob(x, z)
 
-    def critic(params, x, z):
-        return critic_fn(params, x, z) + mi.log_prior(z) - proposal.log_prob(x, z)
 
-    return critic
+def _importance_critic(critic_fn, proposal: mi.Proposal) -> Partial:
+    return Partial(_importance_critic_apply, critic_fn, proposal.log_prob)
 
 
 class _Timer:
+    """Accumulates wall-clock seconds per named block."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
@@ -91,12 +90,38 @@ def _summaries(values: dict[str, Array]) -> tuple[dict[str, float], dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared pieces: bounds for a joint with known likelihood, given encoder and critics.
+# Jitted evaluators. Callables arrive as jax.tree_util.Partial pytrees whose arrays (model
+# parameters, critic parameters) are traced, so one compilation serves every MI level.
 # ---------------------------------------------------------------------------------------------
 
 
-def _ais_bounds(key, x, z, log_likelihood_fn, prior_sample_fn, ais_config, z_dim, timer, tag):
-    """Tunes step sizes on two examples, then runs Multi-Sample AIS on all samples."""
+@functools.partial(jax.jit, static_argnames=("iwae_k", "infonce_k", "giwae_k"))
+def _variational_values(key, x, z, log_likelihood_fn, proposal, giwae_critic, prior_sample_fn, *,
+                        iwae_k, infonce_k, giwae_k):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "ba": mi.barber_agakov_lower(x, z, proposal.log_prob, mi.log_prior),
+        "iwae_lower": mi.iwae_lower(k1, x, z, log_likelihood_fn, mi.log_prior, proposal, iwae_k),
+        "iwae_upper": mi.iwae_upper(k2, x, z, log_likelihood_fn, mi.log_prior, proposal, iwae_k),
+        "infonce": mi.infonce_lower(k3, x, z, log_likelihood_fn, prior_sample_fn, infonce_k),
+        "giwae": mi.giwae_lower(k4, x, z, giwae_critic, mi.log_prior, proposal, giwae_k),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("num_chains", "num_integration_steps"))
+def _ais_values(key, x, z, log_likelihood_fn, betas, step_sizes, prior_sample_fn, *, num_chains,
+                num_integration_steps):
+    return mi.multi_sample_ais_bounds(
+        key, x, z, log_likelihood_fn, mi.log_prior, betas, step_sizes, num_chains,
+        prior_sample_fn=prior_sample_fn, num_integration_steps=num_integration_steps,
+    )
+
+
+_score_matrix = jax.jit(mi.critic_score_matrix)
+
+
+def _ais_bounds(key, x, z, log_likelihood_fn, prior_sample_fn, ais_config, timer, tag):
+    """Tunes step sizes on a few examples, then runs Multi-Sample AIS on all samples."""
     betas = geometric_schedule(ais_config.num_steps, start=ais_config.schedule_start)
     key_tune, key_run = jax.random.split(key)
     with timer(f"{tag}_tune"):
@@ -113,34 +138,23 @@ def _ais_bounds(key, x, z, log_likelihood_fn, prior_sample_fn, ais_config, z_dim
             num_pilot_steps=ais_config.num_pilot_steps,
         )
     with timer(tag):
-        run = jax.jit(
-            lambda k, xx, zz, steps: mi.multi_sample_ais_bounds(
-                k,
-                xx,
-                zz,
-                log_likelihood_fn,
-                mi.log_prior,
-                betas,
-                steps,
-                ais_config.num_chains,
-                prior_sample_fn=prior_sample_fn,
+        result = jax.block_until_ready(
+            _ais_values(
+                key_run, x, z, log_likelihood_fn, betas, step_sizes, prior_sample_fn,
+                num_chains=ais_config.num_chains,
                 num_integration_steps=ais_config.num_integration_steps,
             )
         )
-        result = jax.block_until_ready(run(key_run, x, z, step_sizes))
-        # NaN/inf checks run eagerly on the outputs.
-        check_finite(result.lower, "AIS lower bound")
-        check_finite(result.upper, "AIS upper bound")
+    check_finite(result.lower, f"{tag}: AIS lower bound")
+    check_finite(result.upper, f"{tag}: AIS upper bound")
     return result, step_sizes
 
 
 def _fit_encoder(key, sample_joint_fn, x_dim, z_dim, x_mean, x_std, hidden, fit_config):
+    """Fits a diagonal Gaussian encoder on standardized ``x`` (Barber-Agakov objective)."""
     module = mi.GaussianEncoder(z_dim, tuple(hidden))
     params = module.init(key, jnp.zeros((x_dim,), jnp.float32))
-
-    def encoder_fn(p, x):
-        return module.apply(p, (x - x_mean) / x_std)
-
+    encoder_fn = mi.standardized_encoder(module, x_mean, x_std)
     fit = mi.fit_encoder(
         key,
         encoder_fn,
@@ -150,15 +164,15 @@ def _fit_encoder(key, sample_joint_fn, x_dim, z_dim, x_mean, x_std, hidden, fit_
         batch_size=fit_config.batch_size,
         learning_rate=fit_config.learning_rate,
     )
-    return functools.partial(encoder_fn, fit.params), fit
+    return mi.diagonal_gaussian_proposal(Partial(encoder_fn, fit.params))
 
 
 def _evaluate_all(
     key: Array,
     x: Array,
     z: Array,
-    log_likelihood_fn,
-    sample_joint_fn,
+    log_likelihood_fn: Partial,
+    sample_joint_fn: Partial,
     proposal: mi.Proposal,
     x_mean: Array,
     x_std: Array,
@@ -169,36 +183,16 @@ def _evaluate_all(
     """Every bound on the joint samples ``(x, z)``; returns per-example values and diagnostics."""
     x_dim, z_dim = x.shape[1], z.shape[1]
     keys = jax.random.split(key, 10)
-    prior_sample_fn = functools.partial(_standard_normal, z_dim=z_dim)
-    values: dict[str, Array] = {}
-    info: dict[str, Any] = {}
-
-    with timer("variational"):
-        values["ba"] = mi.barber_agakov_lower(x, z, proposal.log_prob, mi.log_prior)
-        values["iwae_lower"] = jax.jit(
-            lambda k: mi.iwae_lower(
-                k, x, z, log_likelihood_fn, mi.log_prior, proposal, config.iwae_num_samples
-            )
-        )(keys[0])
-        values["iwae_upper"] = jax.jit(
-            lambda k: mi.iwae_upper(
-                k, x, z, log_likelihood_fn, mi.log_prior, proposal, config.iwae_num_samples
-            )
-        )(keys[1])
-        values["infonce"] = jax.jit(
-            lambda k: mi.infonce_lower(
-                k, x, z, log_likelihood_fn, prior_sample_fn, config.infonce_num_samples
-            )
-        )(keys[2])
-    info["infonce_log_k"] = math.log(config.infonce_num_samples)
+    prior_sample_fn = mi.standard_normal_sampler(z_dim)
+    info: dict[str, Any] = {"infonce_log_k": math.log(config.infonce_num_samples)}
 
     critic_module = mi.DecoderCritic(x_dim, tuple(critic_hidden))
     critic_fn = mi.standardized_critic(critic_module, x_mean, x_std)
     init_critic = critic_module.init(keys[3], jnp.zeros((x_dim,)), jnp.zeros((z_dim,)))
 
-    with timer("giwae"):
-        giwae_critic = _importance_critic(critic_fn, proposal)
-        fit = mi.fit_giwae_critic(
+    giwae_critic = _importance_critic(critic_fn, proposal)
+    with timer("giwae_train"):
+        giwae_fit = mi.fit_giwae_critic(
             keys[4],
             giwae_critic,
             init_critic,
@@ -210,20 +204,20 @@ def _evaluate_all(
             batch_size=config.giwae.batch_size,
             learning_rate=config.giwae.learning_rate,
         )
-        values["giwae"] = jax.jit(
-            lambda k: mi.giwae_lower(
-                k,
-                x,
-                z,
-                functools.partial(giwae_critic, fit.params),
-                mi.log_prior,
-                proposal,
-                config.giwae.num_samples,
+    with timer("variational_eval"):
+        values = dict(
+            _variational_values(
+                keys[0], x, z, log_likelihood_fn, proposal,
+                Partial(giwae_critic, giwae_fit.params), prior_sample_fn,
+                iwae_k=config.iwae_num_samples, infonce_k=config.infonce_num_samples,
+                giwae_k=config.giwae.num_samples,
             )
-        )(keys[5])
+        )
+    for name, v in values.items():
+        check_finite(v, name)
 
     ais_result, step_sizes = _ais_bounds(
-        keys[6], x, z, log_likelihood_fn, prior_sample_fn, config.ais, z_dim, timer, "ais"
+        keys[6], x, z, log_likelihood_fn, prior_sample_fn, config.ais, timer, "ais"
     )
     values["ais_lower"] = ais_result.lower
     values["ais_upper"] = ais_result.upper
@@ -246,10 +240,9 @@ def _evaluate_all(
                     batch_size=config.mine.batch_size,
                     learning_rate=config.mine.learning_rate,
                 )
-                scores = mi.critic_score_matrix(
-                    functools.partial(mine_critic, fit.params), x, z
+                values[f"mine_{objective}"] = estimator(
+                    _score_matrix(Partial(mine_critic, fit.params), x, z)
                 )
-                values[f"mine_{objective}"] = estimator(scores)
 
     with timer("mine_ais_train"):
         fit, hmc_step = mi.fit_mine_ais_critic(
@@ -265,14 +258,7 @@ def _evaluate_all(
             num_integration_steps=config.mine.num_integration_steps,
         )
     mine_ais_result, _ = _ais_bounds(
-        keys[9],
-        x,
-        z,
-        functools.partial(critic_fn, fit.params),
-        prior_sample_fn,
-        config.mine.ais,
-        z_dim,
-        timer,
+        keys[9], x, z, Partial(critic_fn, fit.params), prior_sample_fn, config.mine.ais, timer,
         "mine_ais_eval",
     )
     values["mine_ais"] = mine_ais_result.lower
@@ -302,17 +288,12 @@ def run_gaussian_level(config: ml_collections.ConfigDict, level: float, workdir:
     x_mean = jnp.zeros((g.x_dim,), jnp.float32)
     x_std = jnp.sqrt(jnp.sum(model.weight**2, axis=1) + model.noise_std**2)
 
-    def sample_joint_fn(k, n):
-        return mi.sample_joint(k, model, n)
-
-    def log_likelihood_fn(xi, zi):
-        return mi.log_likelihood(model, xi, zi)
-
+    sample_joint_fn = mi.joint_sampler(model)
+    log_likelihood_fn = mi.likelihood_fn(model)
     with timer("encoder"):
-        encoder_fn, _ = _fit_encoder(
+        proposal = _fit_encoder(
             key_enc, sample_joint_fn, g.x_dim, g.z_dim, x_mean, x_std, (), g.encoder
         )
-    proposal = mi.diagonal_gaussian_proposal(encoder_fn)
     values, info = _evaluate_all(
         key_bounds, x, z, log_likelihood_fn, sample_joint_fn, proposal, x_mean, x_std, (), g, timer
     )

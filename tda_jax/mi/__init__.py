@@ -14,6 +14,7 @@ from tda_jax.mi.ais_bounds import (
 )
 from tda_jax.mi.bounds import (
     Proposal,
+    as_partial,
     barber_agakov_lower,
     diagonal_gaussian_proposal,
     giwae_lower,
@@ -35,6 +36,8 @@ from tda_jax.mi.fitting import (
 from tda_jax.mi.gaussian import (
     LinearGaussianModel,
     correlated_gaussian_model,
+    joint_sampler,
+    likelihood_fn,
     linear_gaussian_mi,
     linear_gaussian_model,
     log_likelihood,
@@ -56,7 +59,12 @@ from tda_jax.mi.mine import (
     mine_f_lower,
     sample_energy_posterior,
 )
-from tda_jax.mi.networks import DecoderCritic, GaussianEncoder, standardized_critic
+from tda_jax.mi.networks import (
+    DecoderCritic,
+    GaussianEncoder,
+    standardized_critic,
+    standardized_encoder,
+)
 from tda_jax.mi.vae import (
     GaussianVAE,
     train_vae,
@@ -73,6 +81,7 @@ __all__ = [
     "GaussianVAE",
     "LinearGaussianModel",
     "Proposal",
+    "as_partial",
     "barber_agakov_lower",
     "correlated_gaussian_model",
     "critic_score_matrix",
@@ -88,6 +97,8 @@ __all__ = [
     "infonce_lower",
     "iwae_lower",
     "iwae_upper",
+    "joint_sampler",
+    "likelihood_fn",
     "linear_gaussian_mi",
     "linear_gaussian_model",
     "log_likelihood",
@@ -108,8 +119,10 @@ __all__ = [
     "standard_normal_proposal",
     "standard_normal_sampler",
     "standardized_critic",
+    "standardized_encoder",
     "train_vae",
     "true_mi_sample",
+    "tune_mi_step_sizes",
     "vae_log_likelihood",
     "vae_proposal",
     "vae_sample_joint",

@@ -17,9 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from tda_jax.data import Dataset
 from tda_jax.progress import progress
+from tda_jax.sharding import DATA_AXIS
 from tda_jax.training.config import TrainConfig
 from tda_jax.training.step import epoch_key, make_train_step, split_training_key
 from tda_jax.training.train import check_data_for_loss
@@ -94,21 +96,31 @@ def make_train_one(model: nn.Module, config: TrainConfig, subset_size: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int):
-    return jax.jit(jax.vmap(make_train_one(model, config, subset_size), in_axes=(0, 0, None, None)))
+def _cached_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int,
+                        mesh: Mesh | None):
+    train_chunk = jax.vmap(make_train_one(model, config, subset_size), in_axes=(0, 0, None, None))
+    if mesh is not None:
+        # Models are independent: each device trains its share of the chunk, no communication.
+        models, shared = PartitionSpec(DATA_AXIS), PartitionSpec()
+        train_chunk = jax.shard_map(train_chunk, mesh=mesh,
+                                    in_specs=(models, models, shared, shared),
+                                    out_specs=models)
+    return jax.jit(train_chunk)
 
 
-def _jitted_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int):
+def _jitted_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int,
+                        mesh: Mesh | None):
     """The jitted vmapped trainer, reused across calls when ``model`` is hashable."""
     try:
         hash(model)
     except TypeError:
-        return _cached_train_chunk.__wrapped__(model, config, subset_size)
-    return _cached_train_chunk(model, config, subset_size)
+        return _cached_train_chunk.__wrapped__(model, config, subset_size, mesh)
+    return _cached_train_chunk(model, config, subset_size, mesh)
 
 
 def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np.ndarray,
-               config: TrainConfig, models_per_chunk: int = 50) -> Params:
+               config: TrainConfig, models_per_chunk: int = 50,
+               mesh: Mesh | None = None) -> Params:
     """Trains ``M`` models at once: model ``m`` on ``subset(train_data, masks[m])``, ``keys[m]``.
 
     Models are processed in chunks of ``models_per_chunk`` (the last chunk is padded so the program
@@ -121,7 +133,11 @@ def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np
       masks: ``[M, N]`` boolean; row ``m`` selects model ``m``'s training examples. All rows must
         select the same number of examples.
       config: training settings (shared).
-      models_per_chunk: models per compiled vmapped call.
+      models_per_chunk: models per compiled vmapped call (rounded up to a multiple of the mesh
+        size).
+      mesh: optional 1-D mesh with axis ``"data"`` (``tda_jax.sharding.make_data_mesh``); each
+        chunk's models are split over its devices (e.g. several CPU devices use several cores).
+        Results do not depend on the mesh.
 
     Returns:
       stacked parameters: every leaf has a leading axis ``M``.
@@ -143,16 +159,21 @@ def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np
         raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}")
     subset_size = indices.shape[1]
     chunk = min(int(models_per_chunk), num_models)
+    if mesh is not None:
+        if tuple(mesh.axis_names) != (DATA_AXIS,):
+            raise ValueError(f"mesh must have the single axis {DATA_AXIS!r} "
+                             f"(tda_jax.sharding.make_data_mesh), got axes {mesh.axis_names}")
+        chunk = -(-chunk // mesh.size) * mesh.size
     steps_per_epoch = -(-subset_size // int(config.batch_size))
 
-    train_chunk = _jitted_train_chunk(model, config, subset_size)
+    train_chunk = _jitted_train_chunk(model, config, subset_size, mesh)
     inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
 
     outputs = []
     for begin in progress(range(0, num_models, chunk), desc="train_many",
                           total=-(-num_models // chunk)):
         take = np.arange(begin, begin + chunk)
-        take = np.where(take < num_models, take, begin)  # pad the last chunk with its first model
+        take = np.where(take < num_models, take, begin)  # pad the chunk with its first model
         params, losses = train_chunk(keys[take], jnp.asarray(indices[take]), inputs, targets)
         real = min(chunk, num_models - begin)
         losses = np.asarray(losses)[:real].reshape(real, -1)
