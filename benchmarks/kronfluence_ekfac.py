@@ -72,8 +72,19 @@ EIGH_DTYPE = "float64"
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in kilobytes on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set size in MB.
+
+    ``VmHWM`` from ``/proc/self/status`` (Linux) restarts at ``execve``; ``ru_maxrss`` does not (a
+    child started by ``subprocess`` would report its parent's peak), so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +273,9 @@ def run_tda_jax_side(problem_path: str, result_path: str, repeats: int) -> None:
         out = jax.block_until_ready(out)
         return out, time.perf_counter() - start, float(sum(compile_events[before:]))
 
-    fit_t, score_t, fit_c, score_c, scores = [], [], [], [], None
+    fit_t, score_t, fit_c, score_c, cpu_t, scores = [], [], [], [], [], None
     for _ in range(repeats + 1):  # the first run is the warm-up (compiles)
+        cpu_start = time.process_time()
         curv, t, c = timed(lambda: fit_curvature(
             apply_fn, params, train, strategy="ekfac", loss=loss, fisher="empirical",
             damping=settings["damping"], batch_size=settings["train_batch_size"],
@@ -276,6 +288,7 @@ def run_tda_jax_side(problem_path: str, result_path: str, repeats: int) -> None:
             train_batch_size=settings["train_batch_size"]))
         score_t.append(t)
         score_c.append(c)
+        cpu_t.append(time.process_time() - cpu_start)
 
     # fit_curvature / pairwise_scores jit fresh closures on every call, so every call compiles;
     # "excluding compile" subtracts the compile seconds jax.monitoring reported during that call.
@@ -285,6 +298,9 @@ def run_tda_jax_side(problem_path: str, result_path: str, repeats: int) -> None:
         "fit_with_compile_s": statistics.median(fit_t[1:]),
         "score_with_compile_s": statistics.median(score_t[1:]),
         "compile_s": statistics.median(f + c for f, c in zip(fit_c[1:], score_c[1:], strict=True)),
+        # CPU seconds (all threads, user + sys) of fit + scores, compile included.
+        "cpu_s": statistics.median(cpu_t[1:]),
+        "cpu_all_s": cpu_t,
         "fit_all_s": fit_t,
         "score_all_s": score_t,
         "fit_compile_all_s": fit_c,
@@ -372,15 +388,21 @@ def format_report(settings: dict, ours: dict, theirs: dict, agree: dict,
     lines += [
         f"| XLA compile s per fit + scores (warm; cold) | {ours['compile_s']:.2f}; "
         f"{ours['compile_first_s']:.2f} | - | - |",
-        f"| peak RSS MB (whole process) | {ours['peak_rss_mb']:.0f} | "
+        f"| CPU s per fit + scores (all threads; tda_jax incl. compile) | {ours['cpu_s']:.2f} | "
+        f"{theirs['cpu_s']:.2f} | {speedup(ours['cpu_s'], theirs['cpu_s'])} |",
+        f"| peak RSS MB (whole process, VmHWM) | {ours['peak_rss_mb']:.0f} | "
         f"{theirs['peak_rss_mb']:.0f} | - |",
         f"| RSS MB before the pipeline (imports + data) | {ours['rss_ready_mb']:.0f} | "
         f"{theirs['rss_ready_mb']:.0f} | - |",
     ]
 
+    def corr(x: float) -> str:
+        # Near-perfect agreement would print as 1.000000; show the gap to 1 instead.
+        return f"1 - {1.0 - x:.0e}" if 0.99999 < x < 1.0 else f"{x:.6f}"
+
     def stats_line(label: str, a: dict[str, float]) -> str:
-        return (f"| {label} | {a['pearson_min']:.6f} | {a['pearson_median']:.6f} | "
-                f"{a['spearman_min']:.6f} | {a['spearman_median']:.6f} | "
+        return (f"| {label} | {corr(a['pearson_min'])} | {corr(a['pearson_median'])} | "
+                f"{corr(a['spearman_min'])} | {corr(a['spearman_median'])} | "
                 f"{a['slope_ours_on_theirs']:.6f} | {a['relative_error']:.1e} |")
 
     agree_lines = [
@@ -426,7 +448,7 @@ training examples, float64 eigendecompositions, absolute damping {settings['damp
 to the corrected eigenvalues in both, training loss = per-example cross-entropy (summed over a
 batch), measurement = query {settings['measurement']}. Batch size {settings['train_batch_size']}
 (training examples), {settings['query_batch_size']} (queries). Each side runs in its own fresh
-process, one after the other on the same machine; peak RSS is each process's `ru_maxrss`.
+process, one after the other on the same machine; peak RSS is each process's `VmHWM`.
 
 Timing: medians of {args.repeats} runs after a warm-up run. `tda_jax.attribution.fit_curvature`
 and `pairwise_scores` jit new closures on every call, so *every* call compiles (not only the
@@ -455,7 +477,20 @@ def _fmt(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
+def _non_default_flags(args: argparse.Namespace) -> str:
+    """The command-line flags (setting only) that differ from the defaults, for the rerun line."""
+    defaults = vars(_parser().parse_args([]))
+    skip = {"machine_note", "output", "kronfluence_python", "side", "problem", "result"}
+    flags = [f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+             if k in defaults and k not in skip and v != defaults[k]]
+    return "".join(flags)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-queries", type=int, default=200)
@@ -480,7 +515,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--side", choices=("tda_jax",), help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -489,9 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         run_tda_jax_side(args.problem, args.result, args.repeats)
         return
 
-    raw = sys.argv[1:] if argv is None else argv
-    args.extra_cli = (" " + " ".join(a for a in raw if not a.startswith("--machine-note"))
-                      if raw else "")
+    args.extra_cli = _non_default_flags(args)
     args.machine_note = f" ({args.machine_note})" if args.machine_note else ""
     if not Path(args.kronfluence_python).exists():
         raise SystemExit(f"--kronfluence-python {args.kronfluence_python} does not exist; set up "

@@ -203,7 +203,7 @@ def test_mala_kernel_and_several_mcmc_steps():
     assert 0.3 < float(result.acceptance.mean()) < 0.95
 
 
-def test_tuned_step_sizes_shrink_with_beta_and_hit_target(tuned):
+def test_tuned_step_sizes_shrink_with_beta(tuned):
     betas, step_sizes = tuned[300]
     assert step_sizes.shape == (300,)
     s = np.asarray(step_sizes)

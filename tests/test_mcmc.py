@@ -182,9 +182,7 @@ def test_nan_proposals_are_rejected(kernel):
 
         return jax.lax.scan(body, state, jax.random.split(key, 50))[1]
 
-    positions, log_densities, acceptance = jax.vmap(one_chain)(
-        jax.random.split(jax.random.key(5), 20)
-    )
+    positions, log_densities, acceptance = jax.vmap(one_chain)(jax.random.split(jax.random.key(5), 20))
     assert np.all(np.asarray(positions[..., 0]) <= 0.5)
     assert np.all(np.isfinite(np.asarray(log_densities)))
     assert np.any(np.asarray(acceptance) == 0.0)  # some proposals crossed and were rejected

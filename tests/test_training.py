@@ -11,6 +11,7 @@ import pytest
 from tda_jax.data import Dataset, load_digits, make_synthetic_regression, subset
 from tda_jax.io import ArgumentMismatchError
 from tda_jax.models import MLP
+from tda_jax.sharding import make_data_mesh
 from tda_jax.training import (
     TrainConfig,
     cross_entropy_per_example,
@@ -128,6 +129,10 @@ def test_train_many_equals_sequential_training(small_digits):
     for m in range(3):
         single = train(keys[m], model, None, subset(small_digits, masks[m]), config)
         assert _max_diff(jax.tree.map(lambda leaf: leaf[m], stacked), single) < 1e-5
+    # Splitting the models over a 2-device mesh does not change them.
+    sharded = train_many(keys, model, small_digits, masks, config, models_per_chunk=3,
+                         mesh=make_data_mesh(2))
+    assert _max_diff(sharded, stacked) < 1e-6
     # Models trained on different subsets differ.
     assert _max_diff(jax.tree.map(lambda leaf: leaf[0], stacked),
                      jax.tree.map(lambda leaf: leaf[1], stacked)) > 1e-3

@@ -48,12 +48,17 @@ def plot_lds_bars(
                      label=f"noise ceiling ({level:.2f})")
         axes.axhspan(level - band, level + band, color="tab:red", alpha=0.12)
     axes.axhline(0.0, color="black", linewidth=0.6)
+    # Headroom above the tallest bar or the ceiling band, so the legend covers neither.
+    tops = [m + (e if e == e else 0.0) for m, e in zip(means, errors, strict=True)]
+    if noise_ceiling is not None:
+        tops.append(noise_ceiling["mean"] + noise_ceiling.get("ci95", 0.0))
+    axes.set_ylim(min(0.0, *means) - 0.02, max([0.1, *tops]) * 1.3)
     axes.set_xticks(list(positions))
     axes.set_xticklabels(names, rotation=20, ha="right")
     axes.set_ylabel("linear datamodeling score")
     if title:
         axes.set_title(title, fontsize=10)
-    axes.legend(loc="upper left", fontsize=8)
+    axes.legend(loc="upper left", fontsize=8, ncols=2)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

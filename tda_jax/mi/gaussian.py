@@ -207,19 +207,32 @@ def log_likelihood(model: LinearGaussianModel, x: Array, z: Array) -> Array:
     )
 
 
+def _thin_svd(model: LinearGaussianModel) -> tuple[Array, Array, Array]:
+    """``W = U diag(s) V^T`` with ``U`` ``[x_dim, r]``, ``s`` ``[r]``, ``V`` ``[z_dim, r]``."""
+    u, s, vt = jnp.linalg.svd(model.weight, full_matrices=False)
+    return u, s, vt.T
+
+
 def log_marginal(model: LinearGaussianModel, x: Array) -> Array:
-    """Exact ``log p(x) = log N(x; 0, W W^T + sigma^2 I)``: ``[..., x_dim] -> [...]``."""
-    cov = model.weight @ model.weight.T + model.noise_std**2 * jnp.eye(model.x_dim)
-    chol = jnp.linalg.cholesky(cov)
-    flat = x.reshape(-1, model.x_dim)
-    solved = jax.scipy.linalg.solve_triangular(chol, flat.T, lower=True)
-    quad = jnp.sum(solved**2, axis=0).reshape(x.shape[:-1])
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diag(chol)))
+    """Exact ``log p(x) = log N(x; 0, W W^T + sigma^2 I)``: ``[..., x_dim] -> [...]``.
+
+    Computed through the SVD of ``W`` (no explicit covariance), which stays accurate in float32
+    when ``W W^T`` is far larger than ``sigma^2`` (MI of 100 nats and more).
+    """
+    u, s, _ = _thin_svd(model)
+    var = model.noise_std**2
+    coords = x @ u  # [..., r]
+    residual = x - coords @ u.T  # the part of x outside the column space of W
+    quad = jnp.sum(residual**2, axis=-1) / var + jnp.sum(coords**2 / (s**2 + var), axis=-1)
+    log_det = jnp.sum(jnp.log(s**2 + var)) + (model.x_dim - s.shape[0]) * jnp.log(var)
     return -0.5 * (quad + log_det + model.x_dim * _LOG_2PI)
 
 
 def posterior(model: LinearGaussianModel, x: Array) -> tuple[Array, Array]:
-    """Exact posterior ``p(z | x) = N(mean, cov)``.
+    """Exact posterior ``p(z | x) = N(mean, cov)``, computed through the SVD of ``W``.
+
+    ``cov = (I - V V^T) + V diag(sigma^2 / (s^2 + sigma^2)) V^T`` and
+    ``mean = V diag(s / (s^2 + sigma^2)) U^T x``.
 
     Args:
       model: the model.
@@ -228,11 +241,11 @@ def posterior(model: LinearGaussianModel, x: Array) -> tuple[Array, Array]:
     Returns:
       ``mean`` ``[..., z_dim]`` and ``cov`` ``[z_dim, z_dim]`` (the same for every ``x``).
     """
-    precision = jnp.eye(model.z_dim) + model.weight.T @ model.weight / model.noise_std**2
-    cov = jnp.linalg.inv(precision)
-    cov = 0.5 * (cov + cov.T)
-    mean = (x @ model.weight) @ cov / model.noise_std**2
-    return mean, cov
+    u, s, v = _thin_svd(model)
+    var = model.noise_std**2
+    mean = ((x @ u) * (s / (s**2 + var))) @ v.T
+    cov = jnp.eye(model.z_dim) - v @ v.T + (v * (var / (s**2 + var))) @ v.T
+    return mean, 0.5 * (cov + cov.T)
 
 
 def sample_posterior(key: Array, model: LinearGaussianModel, x: Array) -> Array:
@@ -272,9 +285,10 @@ def optimal_diagonal_encoder(model: LinearGaussianModel) -> tuple[Array, Array]:
     Returns:
       ``A`` ``[z_dim, x_dim]`` and ``log_std`` ``[z_dim]``.
     """
-    precision = jnp.eye(model.z_dim) + model.weight.T @ model.weight / model.noise_std**2
-    cov = jnp.linalg.inv(precision)
-    matrix = cov @ model.weight.T / model.noise_std**2
+    u, s, v = _thin_svd(model)
+    var = model.noise_std**2
+    matrix = (v * (s / (s**2 + var))) @ u.T
+    _, cov = posterior(model, jnp.zeros((model.x_dim,), model.weight.dtype))
     return matrix, 0.5 * jnp.log(jnp.diag(cov))
 
 

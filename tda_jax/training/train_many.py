@@ -101,10 +101,12 @@ def _cached_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int,
     train_chunk = jax.vmap(make_train_one(model, config, subset_size), in_axes=(0, 0, None, None))
     if mesh is not None:
         # Models are independent: each device trains its share of the chunk, no communication.
+        # check_vma=False: with it, gradients of device-invariant values inside the body (e.g.
+        # zero-initialized biases, which do not depend on the key) would be psummed over devices.
         models, shared = PartitionSpec(DATA_AXIS), PartitionSpec()
         train_chunk = jax.shard_map(train_chunk, mesh=mesh,
                                     in_specs=(models, models, shared, shared),
-                                    out_specs=models)
+                                    out_specs=models, check_vma=False)
     return jax.jit(train_chunk)
 
 
