@@ -20,15 +20,18 @@ Sign convention, from each library's documented definition:
 
 * tda_jax (``tda_jax.attribution`` module docstring): ``-grad f_q^T (F + damping I)^{-1} grad L_i``,
   positive = training on ``i`` pushes the query measurement up (with the margin: helpful).
-* kronfluence (``Analyzer.compute_pairwise_scores``): ``grad f_q^T (G + damping I)^{-1} grad L_i``
-  (the dot product of the preconditioned query gradient with the training gradient, no minus).
+* kronfluence (``Analyzer.compute_pairwise_scores``; its docs cite Eq. 5 of Grosse et al. 2023,
+  and the 1.0.1 source computes the plain dot product of the preconditioned query gradient with the
+  training gradient): ``grad f_q^T (G + damping I)^{-1} grad L_i``, no minus.
 
-so on the same measurement ``tda_jax = -kronfluence``; agreement is measured after that one
-documented flip.
+so on the same measurement ``tda_jax = -kronfluence``; agreement is measured after that one flip.
+A third, independent float64 numpy EK-FAC (:func:`numpy_ekfac_reference`) checks both.
 
-Timings are medians over ``--repeats`` runs after one warm-up run; the warm-up's extra time
-(XLA compilation for tda_jax; first-call overheads for torch) is reported separately, and for
-tda_jax the XLA compile seconds are also counted directly with ``jax.monitoring``.
+Timings are medians over ``--repeats`` runs after one warm-up run. The XLA compile seconds of
+each tda_jax call are counted with ``jax.monitoring`` and reported separately; the main rows
+exclude them (at the time of writing ``fit_curvature`` and ``pairwise_scores`` jit fresh closures
+on every call, so every call compiles, not only the first). CPU seconds (all threads) are
+reported too: on a busy machine they are steadier than wall time.
 
 Run (from the repository root, after setting up ``benchmarks/.venv-kronfluence``, see
 ``benchmarks/README.md``)::
@@ -50,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -429,6 +433,12 @@ def write_results(path: Path, report: str, settings: dict, ours: dict, theirs: d
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
+    if ours["compile_s"] > 0.1:
+        compile_note = (f"`tda_jax.attribution.fit_curvature` and `pairwise_scores` compile on "
+                        f"*every* call, not only the first ({ours['compile_s']:.1f} s per warm "
+                        "fit-and-score round).")
+    else:
+        compile_note = "tda_jax compiles only on the first call."
     text = f"""# EK-FAC influence: tda_jax vs kronfluence
 
 Date: {datetime.date.today().isoformat()}. Rerun from the repository root (setup in
@@ -450,11 +460,10 @@ batch), measurement = query {settings['measurement']}. Batch size {settings['tra
 (training examples), {settings['query_batch_size']} (queries). Each side runs in its own fresh
 process, one after the other on the same machine; peak RSS is each process's `VmHWM`.
 
-Timing: medians of {args.repeats} runs after a warm-up run. `tda_jax.attribution.fit_curvature`
-and `pairwise_scores` jit new closures on every call, so *every* call compiles (not only the
-first); the rows marked "s" exclude the XLA compile seconds that `jax.monitoring` reports during
-the call (tracing + lowering + backend compile), and the "incl." row shows what a call costs as
-is. kronfluence's times include its own saving of factors and scores to a scratch directory, as
+Timing: medians of {args.repeats} runs after a warm-up run. {compile_note} The first three rows
+exclude the XLA compile seconds that `jax.monitoring` reports during each call (tracing, lowering
+and backend compile); the "incl." row shows what a call costs as is.
+kronfluence's times include its own saving of factors and scores to a scratch directory, as
 that is part of its pipeline.
 
 Machine: {cpu}, {os.cpu_count()} logical CPUs{args.machine_note}. Versions: jax
@@ -470,7 +479,19 @@ compile {_fmt(ours['fit_compile_all_s'])}, scores {_fmt(ours['score_all_s'])} of
 {_fmt(theirs['score_all_s'])}.
 """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(_reflow(text))
+
+
+def _reflow(markdown: str, width: int = 100) -> str:
+    """Re-wraps the prose paragraphs of ``markdown`` (not tables, code or headings)."""
+    blocks = []
+    for block in markdown.strip().split("\n\n"):
+        if block.startswith(("|", "#", "```")):
+            blocks.append(block)
+        else:
+            blocks.append(textwrap.fill(" ".join(block.split()), width=width,
+                                        break_on_hyphens=False, break_long_words=False))
+    return "\n\n".join(blocks) + "\n"
 
 
 def _fmt(values: list[float]) -> str:

@@ -44,6 +44,7 @@ import numpy as np
 from tda_jax.mcmc.hmc import Array, HMCState, check_position, hmc_step_from_value_and_grad
 from tda_jax.mcmc.mala import MALAState, mala_step_from_value_and_grad
 from tda_jax.mcmc.schedules import check_schedule
+from tda_jax.probability.weights import log_mean_exp
 
 LogDensityFn = Callable[[Array], Array]
 KERNELS = ("hmc", "mala")
@@ -83,12 +84,6 @@ class BDMCResult(NamedTuple):
     upper: Array
     forward: AISResult
     reverse: AISResult
-
-
-def log_mean_exp(x: Array, axis: int = -1) -> Array:
-    """``log(mean(exp(x)))`` along ``axis``, computed stably."""
-    x = jnp.asarray(x)
-    return jax.nn.logsumexp(x, axis=axis) - jnp.log(jnp.asarray(x.shape[axis], x.dtype))
 
 
 def ais_log_normalizer_lower(log_weights: Array, axis: int = -1) -> Array:

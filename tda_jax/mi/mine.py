@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tda_jax.mcmc import hmc_init, hmc_step
 from tda_jax.mi.bounds import check_finite, check_joint_samples
@@ -50,9 +51,9 @@ def _joint_and_marginal(scores: Array) -> tuple[Array, Array]:
             f"`scores` must be a square matrix [N, N] with N >= 2, got shape {jnp.shape(scores)}."
         )
     check_finite(scores, "critic scores")
-    n = scores.shape[0]
-    off_diagonal = ~jnp.eye(n, dtype=bool)
-    return jnp.diagonal(scores), scores[off_diagonal]
+    # Concrete (numpy) indices keep this usable under jit.
+    rows, cols = np.nonzero(~np.eye(scores.shape[0], dtype=bool))
+    return jnp.diagonal(scores), scores[rows, cols]
 
 
 def mine_dv_lower(scores: Array) -> Array:
