@@ -14,31 +14,25 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from tda_jax.losses import get_loss, mean_squared_error, softmax_cross_entropy
 
 PerExampleLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 LOSSES = ("cross_entropy", "mse")
 
 
-def cross_entropy_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy ``[B]`` of logits ``[B, C]`` against int labels ``[B]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def squared_error_per_example(outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Half squared error ``0.5 * sum_d (outputs - targets)^2``, ``[B]``, for ``[B, d]`` arrays."""
-    diff = outputs - targets.reshape(outputs.shape)
-    return 0.5 * jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
+# The per-example losses are the library's own (tda_jax.losses), so training, curvature and scores
+# always agree on the definition.
+cross_entropy_per_example: PerExampleLoss = softmax_cross_entropy().per_example
+squared_error_per_example: PerExampleLoss = mean_squared_error().per_example
 
 
 def per_example_loss(name: str) -> PerExampleLoss:
     """The per-example loss function called ``name`` (``"cross_entropy"`` or ``"mse"``)."""
-    if name == "cross_entropy":
-        return cross_entropy_per_example
-    if name == "mse":
-        return squared_error_per_example
-    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    return get_loss(name).per_example
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
