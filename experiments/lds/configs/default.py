@@ -15,7 +15,12 @@ Tiny run (< 1 minute; used by tests/test_lds_experiment.py)::
     python -m experiments.lds.main --config=experiments/lds/configs/default.py:tiny \
         --workdir=workdirs/lds_tiny
 
-Last default run: see experiments/lds/README.md (numbers filled in after the run).
+Last default run (shared 2-core CPU, other jobs running: 9 min 17 s wall, 212 s CPU; details
+in experiments/lds/README.md), LDS mean +- 95% CI over 100 queries:
+
+    identity 0.136 +- 0.020   diagonal 0.162 +- 0.022   kfac 0.369 +- 0.030
+    ekfac 0.366 +- 0.031      ekfac_ensemble (5 models) 0.498 +- 0.029
+    exact: skipped (23,050 parameters > exact_max_params)    noise ceiling 0.826 +- 0.011
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.hidden_sizes = (16,)
         config.train.num_epochs = 5
         config.train.batch_size = 64
+        config.train.learning_rate = 1e-2
         config.lds.num_subsets = 12
         config.lds.seeds_per_subset = 2
         config.lds.models_per_chunk = 24
