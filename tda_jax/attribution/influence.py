@@ -19,6 +19,7 @@ bounded by ``query_batch_size x train_batch_size`` plus the factors.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -73,13 +74,7 @@ def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
                     measurement: MeasurementFn, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
 
-    @jax.jit
-    def step(p, batch):
-        cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
-        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        finite = jnp.all(jnp.isfinite(outputs))
-        return {n: layer_gradients(a[n], g[n])[0] for n in a}, finite
-
+    step = _query_step(apply_fn, measurement)
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in batch_iterator(queries, batch_size):
         grads, finite = step(params, batch)
@@ -121,15 +116,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     num_q, num_t = num_examples(queries), num_examples(train)
     scores = np.zeros((num_q, num_t), np.float32)
 
-    def body(p, precond, batch):
-        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
-        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        total = sum(jnp.einsum("qio,bti,bto->qb", precond[n], a[n], g[n][0]) for n in a)
-        bad = jnp.sum(~jnp.isfinite(outputs))
-        return -total, jax.lax.psum(bad, DATA_AXIS)
-
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=(P(None, DATA_AXIS), P()), check_vma=False))
+    step = _pairwise_step(apply_fn, loss, mesh)
     sharding = data_sharding(mesh)
     qgrads = query_gradients(apply_fn, params, queries, measurement, query_batch_size)
     for q0 in range(0, num_q, query_batch_size):
@@ -166,19 +153,9 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
     out = np.zeros((num_t,), np.float32)
     exact = curvature.strategy == "exact"
 
-    def body(p, factors, batch):
-        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
-        _, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        if exact:
-            return jnp.concatenate([jnp.reshape(layer_gradients(a[s.name], g[s.name])[0],
-                                                (a[s.name].shape[0], -1))
-                                    for s in curvature.specs], axis=1)
-        return sum(self_quadratic_layer(curvature.strategy, factors[n],
-                                        curvature.damping.get(n, 0.0), a[n], g[n]) for n in a)
-
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=P(DATA_AXIS), check_vma=False))
-    factors = {} if exact else jax.tree.map(jnp.asarray, curvature.factors)
+    step = _self_step(apply_fn, loss, curvature.strategy, curvature.specs, mesh)
+    factors = {} if exact else (jax.tree.map(jnp.asarray, curvature.factors),
+                                {n: jnp.float32(v) for n, v in curvature.damping.items()})
     sharding = data_sharding(mesh)
     for batch in progress(batch_iterator(train, batch_size), desc="self scores",
                           total=-(-num_t // batch_size)):
@@ -193,3 +170,46 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
     if not np.all(np.isfinite(out)):
         raise FloatingPointError("non-finite self-influence scores; check data and parameters.")
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _query_step(apply_fn: ApplyFn, measurement: MeasurementFn):
+    @jax.jit
+    def step(p, batch):
+        cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
+        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
+        finite = jnp.all(jnp.isfinite(outputs))
+        return {n: layer_gradients(a[n], g[n])[0] for n in a}, finite
+
+    return step
+
+
+# check_vma=False below: capture's zero perturbations are device-local (see curvature.fit).
+@functools.lru_cache(maxsize=32)
+def _pairwise_step(apply_fn: ApplyFn, loss: Loss, mesh: jax.sharding.Mesh):
+    def body(p, precond, batch):
+        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
+        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
+        # sum_t a_t^T M_q g_t per example: the training gradient sum_t a_t g_t^T is never formed.
+        total = sum(jnp.einsum("qio,bti,bto->qb", precond[n], a[n], g[n][0]) for n in a)
+        bad = jnp.sum(~jnp.isfinite(outputs))
+        return -total, jax.lax.psum(bad, DATA_AXIS)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=(P(None, DATA_AXIS), P()), check_vma=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _self_step(apply_fn: ApplyFn, loss: Loss, strategy: str, specs: tuple, mesh: jax.sharding.Mesh):
+    def body(p, factors, batch):
+        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
+        _, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
+        if strategy == "exact":
+            return jnp.concatenate([jnp.reshape(layer_gradients(a[s.name], g[s.name])[0],
+                                                (a[s.name].shape[0], -1)) for s in specs], axis=1)
+        layer_factors, damping = factors
+        return sum(self_quadratic_layer(strategy, layer_factors[n], damping.get(n, 0.0), a[n], g[n])
+                   for n in a)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=P(DATA_AXIS), check_vma=False))

@@ -15,6 +15,7 @@ produced them); a rerun reuses finished passes and refuses different arguments.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -100,17 +101,13 @@ def _check_finite(nonfinite: Array, batch: dict, what: str) -> None:
         )
 
 
-def run_pass(step_fn: Callable[[Params, Any, dict], dict], params: Params, extra: Any,
-             dataset: Dataset, batch_size: int, mesh: jax.sharding.Mesh | None,
-             desc: str) -> dict:
-    """Sums ``step_fn(params, extra, local_batch)`` over the dataset, sharded over ``"data"``.
+def sharded_sum_step(step_fn: Callable[[Params, Any, dict], dict],
+                     mesh: jax.sharding.Mesh) -> Callable[[Params, Any, dict], dict]:
+    """Jits ``step_fn`` over a batch sharded on ``"data"``, with one ``psum`` per statistic.
 
-    ``step_fn`` returns a dict of per-device partial sums plus ``"nonfinite"`` (a count); the sums are
-    reduced with one ``psum`` each. ``batch_size`` is rounded up to a multiple of the device count.
+    ``step_fn(params, extra, local_batch)`` returns a dict of per-device partial sums (plus a
+    ``"nonfinite"`` count); ``params`` and ``extra`` are replicated.
     """
-    mesh = make_data_mesh(1) if mesh is None else mesh
-    devices = mesh.devices.size
-    batch_size = -(-batch_size // devices) * devices
 
     def body(p, e, batch):
         stats = step_fn(p, e, batch)
@@ -118,17 +115,36 @@ def run_pass(step_fn: Callable[[Params, Any, dict], dict], params: Params, extra
 
     # check_vma=False: the zero perturbations inside capture are device-local; with varying-axis
     # checking their cotangents would be summed over devices.
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
                                  out_specs=P(), check_vma=False))
-    add = jax.jit(lambda x, y: jax.tree.map(jnp.add, x, y))
+
+
+_tree_add = jax.jit(lambda x, y: jax.tree.map(jnp.add, x, y))
+
+
+def round_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+    """``batch_size`` rounded up to a multiple of the mesh's device count."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    devices = mesh.devices.size
+    return -(-batch_size // devices) * devices
+
+
+def run_pass(step: Callable[[Params, Any, dict], dict], params: Params, extra: Any,
+             dataset: Dataset, batch_size: int, mesh: jax.sharding.Mesh, desc: str) -> dict:
+    """Sums a :func:`sharded_sum_step` over the dataset (fixed-size padded batches, no recompiles).
+
+    Returns:
+      The totals as host numpy arrays (``"nonfinite"`` removed after checking it is zero).
+    """
+    batch_size = round_batch_size(batch_size, mesh)
     sharding = data_sharding(mesh)
     total = None
     for batch in progress(batch_iterator(dataset, batch_size), desc=desc,
                           total=-(-num_examples(dataset) // batch_size)):
-        device_batch = jax.device_put(batch, sharding)
-        stats = step(params, extra, device_batch)
+        stats = step(params, extra, jax.device_put(batch, sharding))
         _check_finite(stats.pop("nonfinite"), batch, "loss outputs or gradients")
-        total = stats if total is None else add(total, stats)
+        total = stats if total is None else _tree_add(total, stats)
     return jax.tree.map(np.asarray, total)
 
 
@@ -136,21 +152,46 @@ def _nonfinite(*arrays: Array) -> Array:
     return sum(jnp.sum(~jnp.isfinite(x)) for x in arrays)
 
 
-def _fisher_step(loss: Loss, fisher: str, num_samples: int, apply_fn: ApplyFn,
-                 stats_fn: Callable[[dict, dict, Any, Array], dict]):
-    """A pass step: capture ``a``/``g`` under the chosen Fisher, then ``stats_fn`` per batch."""
+def _covariance_stats(a, g, extra, mask, specs):
+    return {n: covariance_statistics(a[n], g[n], mask) for n in a}
+
+
+def _squared_gradient_stats(a, g, extra, mask, specs):
+    bases = extra.get("bases")
+    return {n: squared_gradient_statistics(a[n], g[n], *(bases[n] if bases else (None, None)))
+            for n in a}
+
+
+def _dense_stats(a, g, extra, mask, specs):
+    rows = [jnp.reshape(layer_gradients(a[s.name], g[s.name]), (-1, s.num_params)) for s in specs]
+    jac = jnp.concatenate(rows, axis=1)
+    return {"F": jac.T @ jac}
+
+
+_PASS_STATISTICS = {
+    "covariance": _covariance_stats,
+    "lambda": _squared_gradient_stats,
+    "diagonal": _squared_gradient_stats,
+    "dense": _dense_stats,
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_pass(pass_name: str, apply_fn: ApplyFn, loss: Loss, fisher: str, num_samples: int,
+                   specs: tuple[LayerSpec, ...], mesh: jax.sharding.Mesh):
+    """One compiled step per (pass, model, loss, Fisher, mesh): reruns do not recompile."""
+    stats_fn = _PASS_STATISTICS[pass_name]
 
     def step(params, extra, batch):
-        key = extra.get("key") if isinstance(extra, dict) else None
-        cot = fisher_cotangents(loss, fisher, batch["targets"], batch["mask"], key=key,
+        cot = fisher_cotangents(loss, fisher, batch["targets"], batch["mask"], key=extra.get("key"),
                                 index=batch["index"], num_samples=num_samples)
         outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
-        stats = stats_fn(a, g, extra, batch["mask"])
+        stats = stats_fn(a, g, extra, batch["mask"], specs)
         stats["examples"] = jnp.sum(batch["mask"])
         stats["nonfinite"] = _nonfinite(outputs, *g.values())
         return stats
 
-    return step
+    return sharded_sum_step(step, mesh)
 
 
 def _eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -214,9 +255,12 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *, strategy
     stage = Stage(stage_dir, settings) if stage_dir is not None else None
     extra: dict[str, Any] = {"key": key} if key is not None else {}
 
-    def cached_pass(name, step, extra_args):
+    mesh = make_data_mesh(1) if mesh is None else mesh
+
+    def cached_pass(name, extra_args):
         if stage is not None and stage.has(name):
             return stage.load_arrays(name)
+        step = _compiled_pass(name, apply_fn, loss, fisher, num_samples, specs, mesh)
         stats = run_pass(step, params, extra_args, train, batch_size, mesh, desc=f"{strategy}:{name}")
         flat = _flatten_stats(stats)
         if stage is not None and not stage.is_complete():
@@ -227,10 +271,7 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *, strategy
     damping_used: dict[str, float] = {}
     for pass_name in REQUIRED_PASSES[strategy]:
         if pass_name == "covariance":
-            def stats_fn(a, g, extra_args, mask):
-                return {n: covariance_statistics(a[n], g[n], mask) for n in a}
-            stats = cached_pass("covariance", _fisher_step(loss, fisher, num_samples, apply_fn,
-                                                           stats_fn), extra)
+            stats = cached_pass("covariance", extra)
             count = float(stats["examples"])
             for s in specs:
                 vals_a, vecs_a = _eigh(stats[f"{s.name}::A"] / count, eigh_dtype)
@@ -239,31 +280,20 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *, strategy
                                        eigvecs_G=vecs_g)
                 damping_used[s.name] = default_damping(vals_a.mean() * vals_g.mean(), damping)
         elif pass_name in ("lambda", "diagonal"):
-            bases = {s.name: (jnp.asarray(factors[s.name]["eigvecs_A"]),
-                              jnp.asarray(factors[s.name]["eigvecs_G"]))
-                     for s in specs} if pass_name == "lambda" else None
-
-            def stats_fn(a, g, extra_args, mask, bases_given=pass_name == "lambda"):
-                return {n: squared_gradient_statistics(
-                    a[n], g[n], *(extra_args["bases"][n] if bases_given else (None, None)))
-                    for n in a}
-            args = dict(extra, bases=bases) if bases is not None else extra
-            stats = cached_pass(pass_name, _fisher_step(loss, fisher, num_samples, apply_fn,
-                                                        stats_fn), args)
+            args = dict(extra)
+            if pass_name == "lambda":
+                args["bases"] = {s.name: (jnp.asarray(factors[s.name]["eigvecs_A"]),
+                                          jnp.asarray(factors[s.name]["eigvecs_G"])) for s in specs}
+            stats = cached_pass(pass_name, args)
             count = float(stats["examples"])
             for s in specs:
                 values = (stats[s.name] / count).astype(np.float32)
                 factors[s.name][pass_name] = values
                 damping_used[s.name] = default_damping(values.mean(), damping)
         elif pass_name == "dense":
-            def stats_fn(a, g, extra_args, mask):
-                rows = [jnp.reshape(layer_gradients(a[s.name], g[s.name]),
-                                    (-1, s.num_params)) for s in specs]
-                jac = jnp.concatenate(rows, axis=1)
-                return {"F": jac.T @ jac}
-            stats = cached_pass("dense", _fisher_step(loss, fisher, num_samples, apply_fn,
-                                                      stats_fn), extra)
+            stats = cached_pass("dense", extra)
             dense = np.asarray(stats["F"], dtype=eigh_dtype) / float(stats["examples"])
+            del stats
             trace_mean = float(np.trace(dense)) / dense.shape[0]
             used = default_damping(trace_mean, damping)
             dense[np.diag_indices_from(dense)] += used
