@@ -194,6 +194,29 @@ def _compiled_pass(pass_name: str, apply_fn: ApplyFn, loss: Loss, fisher: str, n
     return sharded_sum_step(step, mesh)
 
 
+def blocked_cholesky(matrix: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Lower Cholesky factor of a symmetric positive definite host matrix, by 2x2 blocks.
+
+    Multithreaded OpenBLAS ``potrf`` was seen to crash (segfault) on matrices of ~23k rows here; the
+    recursion keeps every LAPACK call at most ``block`` rows and does the rest with ``trsm``/``gemm``.
+    ``matrix`` is overwritten.
+    """
+    n = matrix.shape[0]
+    if n <= block:
+        return scipy.linalg.cholesky(matrix, lower=True, overwrite_a=True, check_finite=False)
+    half = n // 2
+    top = blocked_cholesky(np.array(matrix[:half, :half]), block)
+    lower_left = scipy.linalg.solve_triangular(top, matrix[half:, :half].T, lower=True,
+                                               check_finite=False).T
+    schur = matrix[half:, half:] - lower_left @ lower_left.T
+    bottom = blocked_cholesky(schur, block)
+    matrix[:half, :half] = top
+    matrix[:half, half:] = 0.0
+    matrix[half:, :half] = lower_left
+    matrix[half:, half:] = bottom
+    return matrix
+
+
 def _eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     vals, vecs = np.linalg.eigh(np.asarray(matrix, dtype=dtype))
     return np.clip(vals, 0.0, None).astype(np.float32), vecs.astype(np.float32)
@@ -297,8 +320,7 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *, strategy
             trace_mean = float(np.trace(dense)) / dense.shape[0]
             used = default_damping(trace_mean, damping)
             dense[np.diag_indices_from(dense)] += used
-            cholesky = scipy.linalg.cholesky(dense, lower=True, overwrite_a=True,
-                                             check_finite=False)
+            cholesky = blocked_cholesky(dense)
             factors = {"__dense__": {"cholesky": cholesky, "trace_mean": trace_mean}}
             damping_used = {"__dense__": used}
     if stage is not None and not stage.is_complete():

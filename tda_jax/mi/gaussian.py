@@ -142,6 +142,13 @@ def scale_to_mi(base_weight: Array, target_mi: float, noise_std: float = 1.0) ->
     return jnp.asarray(base * math.exp(0.5 * (lo + hi)), jnp.float32)
 
 
+def _haar_orthonormal(key: Array, rows: int, cols: int) -> Array:
+    """``[rows, cols]`` with orthonormal columns, Haar-distributed (``rows >= cols``)."""
+    q, r = jnp.linalg.qr(jax.random.normal(key, (rows, cols), jnp.float32))
+    # The sign fix makes Q Haar-distributed rather than biased by the QR convention.
+    return q * jnp.sign(jnp.diag(r))[None, :]
+
+
 def make_linear_gaussian(
     key: Array,
     x_dim: int,
@@ -149,6 +156,7 @@ def make_linear_gaussian(
     target_mi: float,
     noise_std: float = 1.0,
     base: str = "orthogonal",
+    spectrum_ratio: float = 1.0,
 ) -> LinearGaussianModel:
     """A model whose fixed random ``W`` direction is scaled to ``target_mi`` nats.
 
@@ -158,10 +166,13 @@ def make_linear_gaussian(
       x_dim, z_dim: dimensions (``x_dim >= z_dim`` for ``base="orthogonal"``).
       target_mi: requested MI in nats.
       noise_std: ``sigma``.
-      base: ``"orthogonal"``: ``W = c Q`` with ``Q`` having orthonormal columns (Haar), so every
-        latent direction carries ``target_mi / z_dim`` nats and the posterior is isotropic;
+      base: ``"orthogonal"``: ``W = c U diag(s) V^T`` with Haar ``U`` ``[x_dim, z_dim]`` and ``V``
+        ``[z_dim, z_dim]`` and singular values ``s`` log-spaced from 1 to ``spectrum_ratio``
+        (``spectrum_ratio = 1``: an isotropic posterior, every latent direction carries
+        ``target_mi / z_dim`` nats; larger ratios give a correlated, anisotropic posterior);
         ``"gaussian"``: i.i.d. standard normal entries (an ill-conditioned posterior, much harder
         for HMC-based AIS at high MI).
+      spectrum_ratio: ``s_max / s_min >= 1`` of the orthogonal base.
 
     Returns:
       The model.
@@ -169,10 +180,13 @@ def make_linear_gaussian(
     if base == "orthogonal":
         if x_dim < z_dim:
             raise ValueError(f"base='orthogonal' needs x_dim >= z_dim, got {x_dim} < {z_dim}.")
-        gaussian = jax.random.normal(key, (x_dim, z_dim), jnp.float32)
-        q, r = jnp.linalg.qr(gaussian)
-        # Sign fix makes Q Haar-distributed rather than biased by the QR convention.
-        direction = q * jnp.sign(jnp.diag(r))[None, :]
+        if not spectrum_ratio >= 1.0:
+            raise ValueError(f"`spectrum_ratio` must be >= 1, got {spectrum_ratio}.")
+        key_u, key_v = jax.random.split(key)
+        u = _haar_orthonormal(key_u, x_dim, z_dim)
+        v = _haar_orthonormal(key_v, z_dim, z_dim)
+        spectrum = jnp.geomspace(1.0, spectrum_ratio, z_dim).astype(jnp.float32)
+        direction = (u * spectrum) @ v.T
     elif base == "gaussian":
         direction = jax.random.normal(key, (x_dim, z_dim), jnp.float32)
     else:
