@@ -112,14 +112,14 @@ def test_exact_posterior_makes_ba_and_iwae_exact(isotropic, num_samples):
     proposal = _exact_posterior_proposal(model)
     truth = np.asarray(_per_sample_truth(model, x, z))
     ll = mi.likelihood_fn(model)
-    values = _compiled(
+    all_values = _compiled(
         lambda: (
             mi.barber_agakov_lower(x, z, proposal.log_prob, mi.log_prior),
             mi.iwae_lower(jax.random.key(5), x, z, ll, mi.log_prior, proposal, num_samples),
             mi.iwae_upper(jax.random.key(6), x, z, ll, mi.log_prior, proposal, num_samples),
         )
     )
-    for values in values:
+    for values in all_values:
         np.testing.assert_allclose(np.asarray(values), truth, atol=2e-3)
 
 
