@@ -20,8 +20,6 @@ def _run_tiny(workdir: Path) -> dict:
     env["TDA_JAX_PROGRESS"] = "0"
     env["MPLBACKEND"] = "Agg"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    # The tiny run is dominated by XLA compile time; the unoptimized backend halves it.
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     subprocess.run(
         [
             sys.executable,

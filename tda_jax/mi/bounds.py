@@ -141,8 +141,11 @@ def check_num_samples(num_samples: int, name: str = "num_samples") -> int:
 
 
 def check_finite(values: Array, what: str) -> Array:
-    """Raises ``ValueError`` when concrete ``values`` hold NaN (``-inf``/``inf`` may be legitimate
-    log densities only if the caller says so, so they are reported too). Tracers pass through."""
+    """Returns ``values``; raises ``ValueError`` if concrete ``values`` contain NaN or +-inf.
+
+    Bound summands, critic scores and log weights are never legitimately infinite here. Tracers
+    (inside jit/vmap) pass through unchecked; jitted callers check the outputs afterwards.
+    """
     if isinstance(values, jax.core.Tracer):
         return values
     bad = ~jnp.isfinite(values)

@@ -166,7 +166,7 @@ def fit_encoder(
       num_steps, batch_size, learning_rate: Adam settings (cosine-decayed rate).
 
     Returns:
-      :class:`FitResult` with the mean ``log q(z|x)`` per step.
+      :class:`FitResult` with the mean ``log q(z|x)`` every 10 steps (NaN in between).
     """
     _check_loop(num_steps, batch_size)
     return _run(
@@ -189,8 +189,18 @@ def fit_giwae_critic(
 ) -> FitResult:
     """Maximizes the GIWAE bound over the critic ``T`` for a fixed proposal ``q(z|x)``.
 
+    Args:
+      key: PRNG key.
+      critic_fn: ``(params, x [x_dim], z [z_dim]) -> T(x, z)``.
+      params: initial critic parameters.
+      proposal: the fixed ``q(z|x)``.
+      log_prior_fn: ``log p(z)``.
+      sample_joint_fn: ``(key, batch_size) -> (x, z)``.
+      num_samples: GIWAE's ``K`` (the true ``z`` plus ``K - 1`` proposal samples).
+      num_steps, batch_size, learning_rate: Adam settings (cosine-decayed rate).
+
     Returns:
-      :class:`FitResult` with the GIWAE training estimate per step.
+      :class:`FitResult` with the GIWAE training estimate every 10 steps (NaN in between).
     """
     _check_loop(num_steps, batch_size)
     check_num_samples(num_samples)
@@ -214,6 +224,17 @@ def fit_mine_critic(
     """Maximizes the MINE-DV (``objective="dv"``) or MINE-F (``"f"``) batch objective.
 
     Negatives are the off-diagonal pairs of each batch (:func:`tda_jax.mi.mine.critic_score_matrix`).
+
+    Args:
+      key: PRNG key.
+      critic_fn: ``(params, x [x_dim], z [z_dim]) -> T(x, z)``.
+      params: initial critic parameters.
+      sample_joint_fn: ``(key, batch_size) -> (x, z)``.
+      objective: ``"dv"`` or ``"f"``.
+      num_steps, batch_size, learning_rate: Adam settings (cosine-decayed rate).
+
+    Returns:
+      :class:`FitResult` with the batch estimate every 10 steps (NaN in between).
     """
     _check_loop(num_steps, batch_size)
     if objective not in ("dv", "f"):
@@ -244,6 +265,19 @@ def fit_mine_ais_critic(
     ``pi_T(z|x) ∝ p(z) exp T(x,z)`` from the true ``z`` and follows the gradient of
     :func:`tda_jax.mi.mine.energy_based_surrogate`. Between steps the log step size moves by
     ``0.1 * (acceptance - target_acceptance)`` (Robbins-Monro), tracking the critic as it sharpens.
+
+    Args:
+      key: PRNG key.
+      critic_fn: ``(params, x [x_dim], z [z_dim]) -> T(x, z)``; ``p(z) exp T`` must be
+        normalizable in ``z`` (e.g. :class:`tda_jax.mi.DecoderCritic`).
+      params: initial critic parameters.
+      log_prior_fn: ``log p(z)``.
+      sample_joint_fn: ``(key, batch_size) -> (x, z)``.
+      num_steps, batch_size, learning_rate: Adam settings (cosine-decayed rate).
+      num_hmc_steps: HMC transitions per negative sample (from the true ``z``).
+      num_integration_steps: leapfrog steps per transition.
+      initial_step_size: starting HMC step size.
+      target_acceptance: acceptance rate the step size adapts toward.
 
     Returns:
       ``(FitResult, final HMC step size)``; the objective history holds the surrogate value

@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "tiny"):
         raise ValueError(f"Unknown config argument {arg!r}; use nothing or 'tiny'.")
     config = ml_collections.ConfigDict()
+    # Unoptimized XLA backend for the tiny run: it is dominated by compile time (main.py sets the
+    # flag before JAX's first computation).
+    config.fast_compile = tiny
 
     if tiny:
         gaussian = _bounds(16, _ais(100, 4, 20, 3, 1, 4), _ais(50, 4, 20, 3, 1, 4), 100, 100, False)
@@ -100,9 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vae = {"latent_dims": (2,), "hidden": (32,), "train": _fit(100, 64, 2e-3),
                "data": {"name": "digits", "num_examples": 500, "seed": 0}}
     else:
-        vae_bounds = _bounds(64, _ais(2000, 16), _ais(1000, 16), 2000, 2000, False)
+        vae_bounds = _bounds(64, _ais(2000, 16), _ais(1000, 16), 1500, 2000, False)
+        vae_bounds.giwae.num_samples = 32
         vae_bounds.critic_hidden = (128, 128)
-        vae = {"latent_dims": (2, 10), "hidden": (128, 128), "train": _fit(3000, 128, 2e-3),
+        vae = {"latent_dims": (2, 10), "hidden": (128, 128), "train": _fit(6000, 128, 2e-3),
                "data": {"name": "mnist1d", "num_examples": 4000, "seed": 0}}
     config.vae = ml_collections.ConfigDict(
         {**vae, "min_std": 0.1, "seed": 0, "bounds": vae_bounds}
