@@ -383,10 +383,11 @@ def run_vae(
     """Trains a VAE (resumable stage) and bounds ``I(x;z)`` of its generative model (stage)."""
     v = config.vae
     timer = _Timer()
-    module = mi.GaussianVAE(data.shape[1], latent_dim, tuple(v.hidden), v.min_std)
+    module = mi.GaussianVAE(data.shape[1], latent_dim, tuple(v.hidden), v.min_std, v.learn_std)
     model_stage = tio.Stage(
         workdir / "vae" / f"latent_{latent_dim}" / "model",
-        {"model": {"hidden": v.hidden, "min_std": v.min_std, "train": v.train, "data": v.data},
+        {"model": {"hidden": v.hidden, "min_std": v.min_std, "learn_std": v.learn_std,
+                   "train": v.train, "data": v.data},
          "latent_dim": latent_dim, "seed": v.seed},
     )
     key = jax.random.key(v.seed + latent_dim)
@@ -458,26 +459,34 @@ _STYLE = {
 
 
 def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: Path) -> None:
-    """Every bound against the true MI (one panel) and the AIS sandwich width (second panel)."""
+    """Three panels: every bound vs the true MI, each bound's gap to the truth, the AIS width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     truth = np.array([r["true_mi_sample"] for r in results])
-    fig, (ax, ax_width) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, ax_gap, ax_width) = plt.subplots(
+        1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [1.3, 1.3, 1]}
+    )
+    top = truth.max() * 1.15 + 5
     ax.plot(truth, truth, "k-", lw=1, label="true MI (on the samples)")
+    ax_gap.axhline(0.0, color="k", lw=1)
     for name, (label, color, marker) in _STYLE.items():
         if name not in results[0]["bounds"]:
             continue
         values = np.array([r["bounds"][name] for r in results])
         linestyle = "--" if "upper" in name else "-"
-        ax.plot(truth, values, linestyle, color=color, marker=marker, label=label, ms=5)
+        shown = np.where((values > -5) & (values < top), values, np.nan)
+        if np.isnan(shown).any():
+            label += " (off-scale points omitted)"
+        ax.plot(truth, shown, linestyle, color=color, marker=marker, label=label, ms=5)
+        ax_gap.plot(truth, values - truth, linestyle, color=color, marker=marker, ms=5)
     log_k = math.log(config.gaussian.infonce_num_samples)
     ax.axhline(log_k, color="tab:gray", ls=":", lw=1, label=f"log K = {log_k:.2f} (InfoNCE cap)")
     ax.set_xlabel("true MI (nats)")
     ax.set_ylabel("bound (nats)")
-    ax.set_ylim(min(-5.0, ax.get_ylim()[0]), truth.max() * 1.15 + 5)
+    ax.set_ylim(-5, top)
     g = config.gaussian
     steps = "T=" + (
         f"{g.ais.steps_per_nat:g}/nat" if g.ais.get("steps_per_nat") else f"{g.ais.num_steps}"
@@ -485,7 +494,12 @@ def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: 
     ax.set_title(
         f"Linear Gaussian, z_dim={g.z_dim}: N={g.num_samples}, AIS {steps}, K={g.ais.num_chains}"
     )
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left")
+    ax_gap.set_yscale("symlog", linthresh=0.1)
+    ax_gap.set_ylim(-200, 200)
+    ax_gap.set_xlabel("true MI (nats)")
+    ax_gap.set_ylabel("bound - true MI (nats, symlog)")
+    ax_gap.set_title("Gap to the truth (same samples)")
     widths = np.array([r["ais_width"] for r in results])
     ax_width.plot(truth, widths, "o-", color="tab:red")
     ax_width.set_xlabel("true MI (nats)")
@@ -500,19 +514,20 @@ VAE_TABLE_ROWS = ("ais_lower", "ais_upper", "iwae_lower", "iwae_upper", "ba", "g
                   "infonce", "mine_ais")
 
 
-def vae_table_markdown(vae_results: dict) -> str:
-    """Markdown table: one row per bound, one column per latent size."""
+def _vae_cells(vae_results: dict) -> tuple[list[str], list[str], list[list[str]]]:
     columns = sorted(vae_results, key=lambda name: vae_results[name]["latent_dim"])
-    header = "| bound | " + " | ".join(
-        f"latent {vae_results[c]['latent_dim']}" for c in columns
-    ) + " |"
-    lines = [header, "|---" * (len(columns) + 1) + "|"]
-    for name in VAE_TABLE_ROWS:
-        cells = []
-        for c in columns:
-            r = vae_results[c]
-            cells.append(f"{r['bounds'][name]:.2f} ± {r['stderr'][name]:.2f}")
-        lines.append(f"| {_STYLE[name][0]} | " + " | ".join(cells) + " |")
+    header = [f"latent {vae_results[c]['latent_dim']}" for c in columns]
+    rows = [_STYLE[n][0] for n in VAE_TABLE_ROWS] + ["AIS width (upper - lower)"]
+    cells = [[f"{vae_results[c]['bounds'][n]:.3f}" for c in columns] for n in VAE_TABLE_ROWS]
+    cells.append([f"{vae_results[c]['ais_width']:.3f}" for c in columns])
+    return header, rows, cells
+
+
+def vae_table_markdown(vae_results: dict) -> str:
+    """Markdown table: one row per bound, one column per latent size (nats, same samples)."""
+    header, rows, cells = _vae_cells(vae_results)
+    lines = ["| bound | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(c) + " |" for row, c in zip(rows, cells, strict=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -523,21 +538,12 @@ def plot_vae_table(vae_results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = sorted(vae_results, key=lambda name: vae_results[name]["latent_dim"])
-    cells = [
-        [f"{vae_results[c]['bounds'][n]:.2f} ± {vae_results[c]['stderr'][n]:.2f}" for c in columns]
-        for n in VAE_TABLE_ROWS
-    ]
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(columns), 0.45 * len(VAE_TABLE_ROWS) + 1.0))
+    header, rows, cells = _vae_cells(vae_results)
+    fig, ax = plt.subplots(figsize=(4.0 + 1.8 * len(header), 0.45 * len(rows) + 1.2))
     ax.axis("off")
-    table = ax.table(
-        cellText=cells,
-        rowLabels=[_STYLE[n][0] for n in VAE_TABLE_ROWS],
-        colLabels=[f"latent {vae_results[c]['latent_dim']}" for c in columns],
-        loc="center",
-    )
+    table = ax.table(cellText=cells, rowLabels=rows, colLabels=header, loc="center")
     table.scale(1.0, 1.4)
-    ax.set_title("I(x;z) bounds (nats) under MNIST-1D VAE generative models")
+    ax.set_title("Bounds on I(x;z) (nats) under MNIST-1D VAE generative models", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

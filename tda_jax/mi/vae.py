@@ -36,20 +36,26 @@ class GaussianVAE(nn.Module):
       x_dim: data size.
       latent_dim: ``z`` size.
       hidden: hidden widths of both MLPs.
-      min_std: floor on the decoder's observation noise (keeps ``I(x;z)`` finite and AIS feasible).
+      min_std: floor on the decoder's observation noise (keeps ``I(x;z)`` finite and AIS feasible);
+        with ``learn_std=False`` the noise is fixed at this value.
+      learn_std: learn a per-dimension noise ``min_std + softplus(raw)`` (else fixed ``min_std``).
     """
 
     x_dim: int
     latent_dim: int
     hidden: Sequence[int] = (128, 128)
     min_std: float = 0.1
+    learn_std: bool = True
 
     def setup(self):
         self.encoder_layers = [nn.Dense(w) for w in self.hidden]
         self.encoder_out = nn.Dense(2 * self.latent_dim)
         self.decoder_layers = [nn.Dense(w) for w in self.hidden]
         self.decoder_out = nn.Dense(self.x_dim)
-        self.decoder_raw_std = self.param("decoder_raw_std", nn.initializers.zeros, (self.x_dim,))
+        if self.learn_std:
+            self.decoder_raw_std = self.param(
+                "decoder_raw_std", nn.initializers.zeros, (self.x_dim,)
+            )
 
     def encode(self, x: Array) -> tuple[Array, Array]:
         h = x
@@ -62,7 +68,10 @@ class GaussianVAE(nn.Module):
         h = z
         for layer in self.decoder_layers:
             h = nn.tanh(layer(h))
-        log_std = jnp.log(self.min_std + jax.nn.softplus(self.decoder_raw_std))
+        if self.learn_std:
+            log_std = jnp.log(self.min_std + jax.nn.softplus(self.decoder_raw_std))
+        else:
+            log_std = jnp.full((self.x_dim,), jnp.log(self.min_std), jnp.float32)
         return self.decoder_out(h), jnp.broadcast_to(log_std, h.shape[:-1] + (self.x_dim,))
 
     def __call__(self, x: Array, eps: Array) -> Array:

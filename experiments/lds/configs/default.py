@@ -31,8 +31,11 @@ import ml_collections
 def _method(strategy: str, fisher: str = "expected", damping: float | None = None,
             ensemble_size: int = 1) -> ml_collections.ConfigDict:
     """One attribution method: curvature strategy, Fisher type, damping, models averaged."""
+    # A typed placeholder (not a bare None) so `--config.methods.<m>.damping=1e-4` works.
+    damping_field = ml_collections.config_dict.placeholder(float) if damping is None else damping
     return ml_collections.ConfigDict(
-        {"strategy": strategy, "fisher": fisher, "damping": damping, "ensemble_size": ensemble_size}
+        {"strategy": strategy, "fisher": fisher, "damping": damping_field,
+         "ensemble_size": ensemble_size}
     )
 
 
