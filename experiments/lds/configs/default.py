@@ -15,12 +15,12 @@ Tiny run (< 1 minute; used by tests/test_lds_experiment.py)::
     python -m experiments.lds.main --config=experiments/lds/configs/default.py:tiny \
         --workdir=workdirs/lds_tiny
 
-Last default run (shared 2-core CPU, other jobs running: 9 min 17 s wall, 212 s CPU; details
-in experiments/lds/README.md), LDS mean +- 95% CI over 100 queries:
+Last default run (fresh clone + install + run: 11 min 39 s wall on the 2-core CPU machine with
+another job running; details in experiments/lds/README.md), LDS mean +- 95% CI over 100 queries:
 
-    identity 0.136 +- 0.020   diagonal 0.162 +- 0.022   kfac 0.369 +- 0.030
-    ekfac 0.366 +- 0.031      ekfac_ensemble (5 models) 0.498 +- 0.029
-    exact: skipped (23,050 parameters > exact_max_params)    noise ceiling 0.826 +- 0.011
+    identity 0.135 +- 0.021   diagonal 0.161 +- 0.022   kfac 0.366 +- 0.030
+    ekfac 0.363 +- 0.030      exact 0.262 +- 0.025 (damping 1.24e-3; 0.333 at 1.24e-2)
+    ekfac_ensemble (5 models) 0.496 +- 0.029           noise ceiling 0.826 +- 0.011
 """
 
 from __future__ import annotations
