@@ -14,7 +14,7 @@ integration steps; 100 chains vmapped, ``lax.scan`` over steps, everything jitte
 Run from the repository root (the venv has blackjax and the same jax as our ``.venv``)::
 
     python3 -m venv benchmarks/.venv-blackjax          # once
-    benchmarks/.venv-blackjax/bin/pip install blackjax  # once
+    benchmarks/.venv-blackjax/bin/pip install blackjax -e .  # once (tda_jax with its dependencies too)
     benchmarks/.venv-blackjax/bin/python benchmarks/hmc_blackjax.py
 
 It writes ``benchmarks/results/hmc_blackjax.md``.

@@ -189,7 +189,7 @@ def main() -> None:
         f"jax {jax.__version__}, blackjax {blackjax.__version__}, Python "
         f"{platform.python_version()}.\n\n"
         "Rerun: `python3 -m venv benchmarks/.venv-blackjax && "
-        "benchmarks/.venv-blackjax/bin/pip install blackjax && "
+        "benchmarks/.venv-blackjax/bin/pip install blackjax -e . && "
         "benchmarks/.venv-blackjax/bin/python benchmarks/smc_blackjax.py`\n"
     )
     out = ROOT / "benchmarks" / "results" / "smc_blackjax.md"
