@@ -11,7 +11,7 @@ against the exact Kalman-filter log-likelihood.
 Set up and run (from the repository root):
 
     python3 -m venv benchmarks/.venv-blackjax
-    benchmarks/.venv-blackjax/bin/pip install blackjax
+    benchmarks/.venv-blackjax/bin/pip install blackjax -e .
     benchmarks/.venv-blackjax/bin/python benchmarks/smc_blackjax.py
 
 tda_jax is imported from this checkout (the repository root is put on ``sys.path``), so both

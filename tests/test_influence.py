@@ -313,3 +313,16 @@ def test_public_api_composes_like_the_readme():
                                   train_set, loss=loss, measurement=tda_jax.classification_margin)
     ranks = [(own[q] > own[q, q]).sum() for q in range(8)]
     assert np.median(ranks) < 15
+
+
+def test_factored_and_materialized_score_contractions_agree():
+    model, params, train = _classification_problem(n=30)
+    apply_fn = lambda p, x: model.apply({"params": p}, x)
+    loss = softmax_cross_entropy()
+    queries = Dataset(train.inputs[:4], train.targets[:4], 3)
+    curv = fit_curvature(apply_fn, params, train, strategy="kfac", loss=loss)
+    kwargs = dict(loss=loss, measurement=classification_margin, train_batch_size=16)
+    fast = pairwise_scores(apply_fn, params, curv, queries, train, **kwargs)
+    factored = pairwise_scores(apply_fn, params, curv, queries, train, max_gradient_bytes=0,
+                               **kwargs)
+    np.testing.assert_allclose(factored, fast, rtol=1e-4, atol=1e-5 * np.abs(fast).max())

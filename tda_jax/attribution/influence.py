@@ -11,10 +11,12 @@ pushes the query's measurement *up*; scores are **not** divided by the number of
 strategy this is the negative gradient dot product. Self-influence is
 ``grad loss(z_i)^T (F + damping I)^{-1} grad loss(z_i)`` (non-negative).
 
-Training-side per-example gradients of Kronecker-structured layers are never materialised: the
-preconditioned query gradients ``M_q [in, out]`` meet each training example through
-``sum_t a_t^T M_q g_t``. Work is chunked over query blocks and training batches, so memory is
-bounded by ``query_batch_size x train_batch_size`` plus the factors.
+Training-side per-example gradients of Kronecker-structured layers are not materialised beyond a
+memory budget: the preconditioned query gradients ``M_q [in, out]`` meet each training example
+through ``sum_t a_t^T M_q g_t`` (factored form) whenever a batch's ``[B, in, out]`` gradients would
+exceed ``max_gradient_bytes``; below it XLA picks the faster order. Work is chunked over query
+blocks and training batches, so memory is bounded by ``query_batch_size x train_batch_size`` plus
+the factors.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
 def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, queries: Dataset,
                     train: Dataset, *, loss: Loss, measurement: MeasurementFn,
                     query_batch_size: int = 256, train_batch_size: int = 256,
-                    mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+                    mesh: jax.sharding.Mesh | None = None,
+                    max_gradient_bytes: int = 2**28) -> np.ndarray:
     """Influence of every training example on every query.
 
     Args:
@@ -104,6 +107,9 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
       query_batch_size: queries preconditioned and scored together.
       train_batch_size: training examples per step (rounded up to the device count).
       mesh: mesh with a ``"data"`` axis over which training batches are sharded.
+      max_gradient_bytes: per layer and training batch, the largest ``[B, in, out]`` intermediate
+        allowed; above it the factored contraction is used, so per-example gradients of large
+        layers are never formed (0 forces the factored form everywhere).
 
     Returns:
       ``[num_queries, num_train]`` float32 scores (sign convention in the module docstring).
@@ -116,7 +122,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     num_q, num_t = num_examples(queries), num_examples(train)
     scores = np.zeros((num_q, num_t), np.float32)
 
-    step = _pairwise_step(apply_fn, loss, mesh)
+    step = _pairwise_step(apply_fn, loss, mesh, int(max_gradient_bytes))
     sharding = data_sharding(mesh)
     qgrads = query_gradients(apply_fn, params, queries, measurement, query_batch_size)
     for q0 in range(0, num_q, query_batch_size):
@@ -185,13 +191,30 @@ def _query_step(apply_fn: ApplyFn, measurement: MeasurementFn):
 
 
 # check_vma=False below: capture's zero perturbations are device-local (see curvature.fit).
+def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -> Array:
+    """``sum_t a_t^T M_q g_t`` -> ``[Q, B]`` for one layer.
+
+    If the batch's per-example gradients ``[B, in, out]`` fit in ``max_gradient_bytes`` the
+    contraction order is left to XLA (for ``T = 1`` it forms that batch-sized intermediate, the
+    fastest order); otherwise the factored order ``(a M_q) . g`` is forced, which never forms a
+    per-example gradient.
+    """
+    batch, positions, fan_in = a.shape
+    if batch * fan_in * g.shape[-1] * a.dtype.itemsize <= max_gradient_bytes:
+        return jnp.einsum("qio,bti,bto->qb", precond, a, g)
+    num_queries, _, fan_out = precond.shape
+    rotated = a.reshape(-1, fan_in) @ jnp.transpose(precond, (1, 0, 2)).reshape(fan_in, -1)
+    rotated = rotated.reshape(batch, positions, num_queries, fan_out)
+    return jnp.einsum("btqo,bto->qb", rotated, g)
+
+
 @functools.lru_cache(maxsize=32)
-def _pairwise_step(apply_fn: ApplyFn, loss: Loss, mesh: jax.sharding.Mesh):
+def _pairwise_step(apply_fn: ApplyFn, loss: Loss, mesh: jax.sharding.Mesh,
+                   max_gradient_bytes: int):
     def body(p, precond, batch):
         cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
         outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        # sum_t a_t^T M_q g_t per example: the training gradient sum_t a_t g_t^T is never formed.
-        total = sum(jnp.einsum("qio,bti,bto->qb", precond[n], a[n], g[n][0]) for n in a)
+        total = sum(_layer_scores(precond[n], a[n], g[n][0], max_gradient_bytes) for n in a)
         bad = jnp.sum(~jnp.isfinite(outputs))
         return -total, jax.lax.psum(bad, DATA_AXIS)
 
