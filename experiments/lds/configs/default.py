@@ -19,7 +19,7 @@ Last default run (fresh clone + install + run: 11 min 39 s wall on the 2-core CP
 another job running; details in experiments/lds/README.md), LDS mean +- 95% CI over 100 queries:
 
     identity 0.135 +- 0.021   diagonal 0.161 +- 0.022   kfac 0.366 +- 0.030
-    ekfac 0.363 +- 0.030      exact 0.262 +- 0.025 (damping 1.24e-3; 0.333 at 1.24e-2)
+    ekfac 0.363 +- 0.030      exact 0.262 +- 0.025 (damping 1.24e-3; 0.348 at 1.24e-1)
     ekfac_ensemble (5 models) 0.496 +- 0.029           noise ceiling 0.826 +- 0.011
 """
 
