@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import shutil
 import statistics
 import sys
@@ -39,27 +38,14 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import peak_rss_mb  # benchmarks/ is on sys.path when run as a script
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from torch import nn
 from torch.utils.data import TensorDataset
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size in MB.
-
-    ``VmHWM`` from ``/proc/self/status`` (Linux) restarts at ``execve``; ``ru_maxrss`` does not (a
-    child started by ``subprocess`` would report its parent's peak), so it is only the fallback.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+_peak_rss_mb = peak_rss_mb
 
 
 def _margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

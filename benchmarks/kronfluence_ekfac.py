@@ -48,7 +48,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import peak_rss_mb  # benchmarks/ is on sys.path when run as a script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_KRONFLUENCE_PYTHON = REPO_ROOT / "benchmarks" / ".venv-kronfluence" / "bin" / "python"
@@ -75,20 +75,7 @@ KRONFLUENCE_TO_TDA_JAX_SIGN = -1.0
 EIGH_DTYPE = "float64"
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size in MB.
-
-    ``VmHWM`` from ``/proc/self/status`` (Linux) restarts at ``execve``; ``ru_maxrss`` does not (a
-    child started by ``subprocess`` would report its parent's peak), so it is only the fallback.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+_peak_rss_mb = peak_rss_mb
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from tda_jax.mcmc.ais import (
     ais_log_normalizer_upper,
     annealed_chain,
     bdmc,
+    broadcast_step_sizes,
     log_mean_exp,
     reverse_step_sizes,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "log_mean_exp",
     "mala_init",
     "mala_step",
+    "broadcast_step_sizes",
     "reverse_step_sizes",
     "sigmoid_schedule",
     "tune_ais_step_sizes",

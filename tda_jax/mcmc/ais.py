@@ -175,7 +175,8 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
 
 
-def _broadcast_step_sizes(step_sizes, num_steps: int, dtype) -> Array:
+def broadcast_step_sizes(step_sizes, num_steps: int, dtype=jnp.float32) -> Array:
+    """A scalar or ``[T]`` step size as ``[T]`` (one per annealing step); clear error otherwise."""
     step_sizes = jnp.asarray(step_sizes, dtype)
     if step_sizes.shape not in ((), (num_steps,)):
         raise ValueError(
@@ -240,7 +241,7 @@ def annealed_chain(
     dtype = initial_position.dtype
     betas = jnp.asarray(betas, dtype)
     num_steps = betas_shape[0] - 1
-    step_sizes = _broadcast_step_sizes(step_sizes, num_steps, dtype)
+    step_sizes = broadcast_step_sizes(step_sizes, num_steps, dtype)
     direction = jnp.where(betas[-1] >= betas[0], 1.0, -1.0).astype(dtype)
 
     def anneal_step(carry, xs):
@@ -414,7 +415,7 @@ def ais(
     dtype = jnp.result_type(initial_positions)
     betas = jnp.asarray(betas, dtype)
     num_steps = betas.shape[0] - 1
-    step_sizes = _broadcast_step_sizes(step_sizes, num_steps, dtype)
+    step_sizes = broadcast_step_sizes(step_sizes, num_steps, dtype)
     if reverse:
         betas = betas[::-1]
         step_sizes = reverse_step_sizes(step_sizes)

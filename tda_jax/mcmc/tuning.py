@@ -19,8 +19,8 @@ import numpy as np
 
 from tda_jax.mcmc.ais import (
     JITTER,
-    _broadcast_step_sizes,
     _tempered_value_and_grad,
+    broadcast_step_sizes,
     check_initial_positions,
     check_kernel,
     mcmc_transition,
@@ -337,4 +337,4 @@ def tune_ais_step_sizes(
     log_b = np.log(np.maximum(b[1:], smallest_positive))
     step_sizes = np.exp(np.interp(log_b, np.log(anchors), np.asarray(log_steps, np.float64)))
     dtype = jnp.result_type(initial_positions)
-    return _broadcast_step_sizes(step_sizes, b.shape[0] - 1, dtype)
+    return broadcast_step_sizes(step_sizes, b.shape[0] - 1, dtype)

@@ -46,6 +46,7 @@ from jax.tree_util import Partial
 
 from tda_jax.mcmc import (
     annealed_chain,
+    broadcast_step_sizes,
     check_schedule,
     dual_averaging_init,
     dual_averaging_update,
@@ -98,16 +99,6 @@ def standard_normal_sampler(z_dim: int) -> PriorSampleFn:
     return Partial(_standard_normal, jnp.zeros((z_dim,), jnp.float32))
 
 
-def _check_step_sizes(step_sizes, num_steps: int) -> Array:
-    step_sizes = jnp.asarray(step_sizes, jnp.float32)
-    if step_sizes.shape not in ((), (num_steps,)):
-        raise ValueError(
-            f"`step_sizes` must be a scalar or [T] = [{num_steps}] for betas of shape "
-            f"[{num_steps + 1}], got shape {step_sizes.shape}."
-        )
-    return jnp.broadcast_to(step_sizes, (num_steps,))
-
-
 def multi_sample_ais_bounds(
     key: Array,
     x: Array,
@@ -153,7 +144,7 @@ def multi_sample_ais_bounds(
     check_schedule(betas)
     betas = jnp.asarray(betas, jnp.float32)
     num_steps = betas.shape[0] - 1
-    step_sizes = _check_step_sizes(step_sizes, num_steps)
+    step_sizes = broadcast_step_sizes(step_sizes, num_steps)
     if prior_sample_fn is None:
         prior_sample_fn = standard_normal_sampler(z.shape[1])
     n = x.shape[0]
