@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from tda_jax.capture.layers import ApplyFn
 from tda_jax.capture.statistics import layer_gradients, layer_statistics, loss_cotangents
-from tda_jax.curvature.fit import Curvature, discover_layers
+from tda_jax.curvature.fit import Curvature, discover_layers, round_batch_size
 from tda_jax.curvature.strategies import precondition_layer, self_quadratic_layer
 from tda_jax.data import Dataset, batch_iterator, num_examples
 from tda_jax.losses import Loss, MeasurementFn
@@ -53,17 +53,22 @@ def _check_compatible(curvature: Curvature, apply_fn: ApplyFn, params: Params,
                          f"curvature was fitted on {[s.name for s in curvature.specs]}.")
 
 
+def _dense_solve(curvature: Curvature, rows: np.ndarray) -> np.ndarray:
+    """``(F + damping)^{-1}`` applied to each row of ``rows [n, P]`` (exact strategy, host float64)."""
+    cholesky = curvature.factors["__dense__"]["cholesky"]
+    return scipy.linalg.cho_solve((cholesky, True), np.asarray(rows, np.float64).T,
+                                  check_finite=False).T
+
+
 def _precondition(curvature: Curvature, grads: dict[str, Array]) -> dict[str, Array]:
     """Applies ``(F + damping)^{-1}`` to per-layer gradients ``[Q, in, out]``."""
     if curvature.strategy != "exact":
         return {s.name: precondition_layer(curvature.strategy, curvature.factors[s.name],
                                            curvature.damping.get(s.name, 0.0), grads[s.name])
                 for s in curvature.specs}
-    dense = curvature.factors["__dense__"]
     flat = np.concatenate([np.asarray(grads[s.name]).reshape(grads[s.name].shape[0], -1)
                            for s in curvature.specs], axis=1)
-    solved = scipy.linalg.cho_solve((dense["cholesky"], True), flat.T.astype(np.float64),
-                                    check_finite=False).T.astype(np.float32)
+    solved = _dense_solve(curvature, flat).astype(np.float32)
     out, offset = {}, 0
     for s in curvature.specs:
         out[s.name] = jnp.asarray(solved[:, offset:offset + s.num_params].reshape(-1, s.in_dim,
@@ -117,8 +122,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     _check_compatible(curvature, apply_fn, params, queries, "query")
     _check_compatible(curvature, apply_fn, params, train, "train")
     mesh = make_data_mesh(1) if mesh is None else mesh
-    devices = mesh.devices.size
-    train_batch_size = -(-train_batch_size // devices) * devices
+    train_batch_size = round_batch_size(train_batch_size, mesh)
     num_q, num_t = num_examples(queries), num_examples(train)
     scores = np.zeros((num_q, num_t), np.float32)
 
@@ -153,8 +157,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
     """
     _check_compatible(curvature, apply_fn, params, train, "train")
     mesh = make_data_mesh(1) if mesh is None else mesh
-    devices = mesh.devices.size
-    batch_size = -(-batch_size // devices) * devices
+    batch_size = round_batch_size(batch_size, mesh)
     num_t = num_examples(train)
     out = np.zeros((num_t,), np.float32)
     exact = curvature.strategy == "exact"
@@ -167,10 +170,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
                           total=-(-num_t // batch_size)):
         values = np.asarray(step(params, factors, jax.device_put(batch, sharding)))
         if exact:
-            dense = curvature.factors["__dense__"]
-            solved = scipy.linalg.cho_solve((dense["cholesky"], True), values.T.astype(np.float64),
-                                            check_finite=False).T
-            values = np.sum(values * solved, axis=1)
+            values = np.sum(values * _dense_solve(curvature, values), axis=1)
         real = batch["mask"] > 0
         out[batch["index"][real]] = values[real]
     if not np.all(np.isfinite(out)):
@@ -190,7 +190,6 @@ def _query_step(apply_fn: ApplyFn, measurement: MeasurementFn):
     return step
 
 
-# check_vma=False below: capture's zero perturbations are device-local (see curvature.fit).
 def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -> Array:
     """``sum_t a_t^T M_q g_t`` -> ``[Q, B]`` for one layer.
 
@@ -208,6 +207,7 @@ def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -
     return jnp.einsum("btqo,bto->qb", rotated, g)
 
 
+# check_vma=False below: capture's zero perturbations are device-local (see curvature.fit).
 @functools.lru_cache(maxsize=32)
 def _pairwise_step(apply_fn: ApplyFn, loss: Loss, mesh: jax.sharding.Mesh,
                    max_gradient_bytes: int):
