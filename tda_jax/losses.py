@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 MeasurementFn = Callable[[Array, Array], Array]
@@ -35,12 +36,84 @@ class Loss(NamedTuple):
       sample_targets: ``(key, outputs [B, C]) -> targets`` drawn from the model's predictive
         distribution.
       hessian_sqrt: ``(outputs [B, C]) -> [B, K, C]`` with ``sum_k v_k v_k^T = d^2 loss / d outputs^2``.
+      target_kind: ``"class"`` (integer labels in ``[0, C)``) or ``"real"`` (float targets); checked
+        by :func:`check_targets` before training, fitting and scoring.
     """
 
     name: str
     per_example: Callable[[Array, Array], Array]
     sample_targets: Callable[[Array, Array], Array]
     hessian_sqrt: Callable[[Array], Array]
+    target_kind: str = "class"
+
+
+TARGET_KINDS = ("class", "real")
+
+
+def check_targets(targets, num_outputs: int, kind: str, role: str = "targets") -> None:
+    """Raises a clear error when targets do not suit a loss or measurement (host-side check).
+
+    Out-of-range class labels are the dangerous case: ``take_along_axis`` clamps or fills them, so a
+    label 10 with 10 classes, or -1, would otherwise give silently wrong losses, curvature and scores.
+
+    Args:
+      targets: ``[N]`` integer class labels (``kind="class"``) or ``[N, num_outputs]`` / ``[N]``
+        real targets (``kind="real"``); a numpy or JAX array.
+      num_outputs: the model's number of outputs (classes for a classifier).
+      kind: ``"class"`` or ``"real"`` (see :attr:`Loss.target_kind`).
+      role: what the targets are, named in the error (e.g. ``"train.targets"``).
+
+    Raises:
+      ValueError: naming the offending rows and values, and what to do.
+    """
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"target kind {kind!r} is not one of {TARGET_KINDS}.")
+    targets = np.asarray(targets)
+    if kind == "class":
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(
+                f"{role} has dtype {targets.dtype} but a classification loss/measurement needs integer "
+                "class labels; for regression targets use mean_squared_error() (and a real-valued "
+                "measurement such as negative_loss(mean_squared_error())).")
+        if targets.ndim != 1:
+            raise ValueError(f"{role} must be class labels of shape [N]; got shape {targets.shape}.")
+        bad = np.flatnonzero((targets < 0) | (targets >= num_outputs))
+        if bad.size:
+            shown = ", ".join(f"row {int(i)}: {int(targets[i])}" for i in bad[:5])
+            raise ValueError(
+                f"{role} has {bad.size} label(s) outside [0, {num_outputs}) for a model with "
+                f"{num_outputs} outputs ({shown}{', ...' if bad.size > 5 else ''}); fix the labels "
+                "or the model's number of outputs.")
+        return
+    if not np.issubdtype(targets.dtype, np.floating):
+        raise ValueError(f"{role} has dtype {targets.dtype} but a regression loss needs float targets; "
+                         "for class labels use softmax_cross_entropy().")
+    per_row = int(np.prod(targets.shape[1:])) if targets.ndim > 1 else 1
+    if per_row != num_outputs:
+        raise ValueError(f"{role} has shape {targets.shape} ({per_row} value(s) per row) but the model "
+                         f"has {num_outputs} outputs.")
+    bad = np.flatnonzero(~np.all(np.isfinite(targets.reshape(len(targets), -1)), axis=1))
+    if bad.size:
+        raise ValueError(f"{role} has non-finite values in rows {bad[:5].tolist()}"
+                         f"{' ...' if bad.size > 5 else ''}.")
+
+
+def check_loss(loss, argument: str = "loss") -> Loss:
+    """Returns ``loss`` if it is a :class:`Loss`; explains the usual mistakes otherwise."""
+    if isinstance(loss, Loss):
+        return loss
+    if loss in _FACTORIES:
+        raise TypeError(f"{argument}={loss.__name__} is the factory, not the loss: pass "
+                        f"{argument}={loss.__name__}() (note the parentheses).")
+    if isinstance(loss, str):
+        raise TypeError(f"{argument}={loss!r} is a name; pass a Loss object, e.g. get_loss({loss!r}).")
+    raise TypeError(f"{argument} must be a tda_jax.losses.Loss (e.g. softmax_cross_entropy()); "
+                    f"got {type(loss).__name__}.")
+
+
+def target_kind_of(fn) -> str | None:
+    """The target kind a measurement declares (``fn.target_kind``), or None if it declares none."""
+    return getattr(fn, "target_kind", None)
 
 
 def _ce_per_example(logits: Array, labels: Array) -> Array:
@@ -83,7 +156,7 @@ def _mse_hessian_sqrt(outputs: Array) -> Array:
 
 def mean_squared_error() -> Loss:
     """Squared error ``0.5 * ||outputs - targets||^2`` per example (a unit-variance Gaussian NLL)."""
-    return Loss("squared_error", _mse_per_example, _mse_sample, _mse_hessian_sqrt)
+    return Loss("squared_error", _mse_per_example, _mse_sample, _mse_hessian_sqrt, "real")
 
 
 def classification_margin(logits: Array, labels: Array) -> Array:
@@ -102,13 +175,20 @@ def classification_margin(logits: Array, labels: Array) -> Array:
     return correct - jax.nn.logsumexp(masked, axis=-1)
 
 
+classification_margin.target_kind = "class"
+
+
 def negative_loss(loss: Loss) -> Callable[[Array, Array], Array]:
     """Measurement ``-loss``: higher is better, so a helpful training example scores positive."""
 
     def measurement(outputs: Array, targets: Array) -> Array:
         return -loss.per_example(outputs, targets)
 
+    measurement.target_kind = loss.target_kind
     return measurement
+
+
+_FACTORIES = (softmax_cross_entropy, mean_squared_error)
 
 
 def get_loss(name: str) -> Loss:

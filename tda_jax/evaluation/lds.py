@@ -31,7 +31,6 @@ Functions:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from tda_jax.io import Stage
+from tda_jax.io import Stage, fingerprint
 from tda_jax.progress import progress
 from tda_jax.training import make_train_one, subset_indices
 
@@ -255,16 +254,6 @@ def noise_ceiling(ground_truth: np.ndarray) -> NoiseCeiling:
 # Ground truth by retraining.
 
 
-def _fingerprint(*arrays: Any) -> str:
-    """A short SHA-256 of array contents, so saved arguments pin the exact data and masks."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(np.asarray(array))
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _config_dict(config: Any) -> Any:
     if hasattr(config, "_asdict"):
         return dict(config._asdict())
@@ -347,11 +336,11 @@ def retrain_ground_truth(
         stage = Stage(
             directory,
             {
-                "key": _fingerprint(jax.random.key_data(key)),
+                "key": fingerprint(jax.random.key_data(key)),
                 "model": repr(model),
-                "train": _fingerprint(train.inputs, train.targets),
-                "queries": _fingerprint(queries.inputs, queries.targets),
-                "masks": _fingerprint(masks),
+                "train": fingerprint(train.inputs, train.targets),
+                "queries": fingerprint(queries.inputs, queries.targets),
+                "masks": fingerprint(masks),
                 "num_subsets": num_subsets,
                 "seeds_per_subset": seeds_per_subset,
                 "train_config": _config_dict(config),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from itertools import islice
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda_jax.data import Dataset, batches_in_order, num_examples, shuffled_order
-from tda_jax.io import Stage, write_json
+from tda_jax.io import Stage, fingerprint, write_json
 from tda_jax.progress import progress
 from tda_jax.training.checkpoints import (
     DATA_ORDER_FILE,
@@ -52,16 +51,6 @@ def key_data(key: jax.Array) -> np.ndarray:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return np.asarray(key)
-
-
-def fingerprint(tree: Any) -> str:
-    """A SHA-256 digest of a pytree's array bytes, shapes and dtypes (for saved arguments)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        leaf = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-        digest.update(leaf.tobytes())
-    return digest.hexdigest()
 
 
 def _raise_non_finite(losses: np.ndarray, first_step: int, steps_per_epoch: int) -> None:
