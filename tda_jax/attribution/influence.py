@@ -11,191 +11,79 @@ pushes the query's measurement *up*; scores are **not** divided by the number of
 strategy this is the negative gradient dot product. Self-influence is
 ``grad loss(z_i)^T (F + damping I)^{-1} grad loss(z_i)`` (non-negative).
 
-Training-side per-example gradients of Kronecker-structured layers are not materialised beyond a
-memory budget: the preconditioned query gradients ``M_q [in, out]`` meet each training example
-through ``sum_t a_t^T M_q g_t`` (factored form) whenever a batch's ``[B, in, out]`` gradients would
-exceed ``max_gradient_bytes``; below it XLA picks the faster order. Work is chunked over query
-blocks and training batches, so memory is bounded by ``query_batch_size x train_batch_size`` plus
-the factors.
+How the work is laid out (:func:`pairwise_scores`):
+
+* Queries are processed in *super-blocks* of as many queries as fit in ``max_query_bytes`` (their
+  preconditioned gradients, in the curvature block's score coordinates, at 4 bytes per parameter).
+  Inside a super-block, query gradients are computed ``query_batch_size`` at a time and
+  preconditioned at once, so query-side memory is bounded by the budget however many queries
+  there are.
+* Each training batch is captured (one forward, one backward) **once per super-block** and
+  contracted with every query of the super-block. The training side's layer inputs ``a`` and output
+  gradients ``g`` are mapped into the block's score coordinates (for K-FAC / EK-FAC: rotated into the
+  Kronecker eigenbasis), so queries are never rotated back.
+* Per layer and batch, if the batch's ``[B, in, out]`` gradients fit in ``max_gradient_bytes`` XLA
+  chooses the contraction order; otherwise the factored order ``sum_t (a_t^T V_q) g_t`` is forced, so
+  per-example gradients of large layers are never formed.
+* Nothing waits for the host inside the loops: scores and non-finite counts stay on the device until
+  a super-block ends.
+
+The compiled steps come from :func:`build_score_steps`, which a caller may build once and pass to
+every call (``steps=``); steps compiled from equal programs share executables
+(:mod:`tda_jax.compile`), so a fresh ``apply_fn`` lambda does not compile again.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 from jax.sharding import PartitionSpec as P
 
-from tda_jax.capture.layers import ApplyFn
+from tda_jax.capture.layers import ApplyFn, LayerSpec
 from tda_jax.capture.statistics import layer_gradients, layer_statistics, loss_cotangents
-from tda_jax.curvature.fit import Curvature, discover_layers, round_batch_size
-from tda_jax.curvature.strategies import precondition_layer, self_quadratic_layer
+from tda_jax.compile import CompiledStep
+from tda_jax.curvature.blocks import get_block
+from tda_jax.curvature.estimate import Curvature
+from tda_jax.curvature.fit import (
+    check_compatible,
+    inspect_model,
+    nonfinite_count,
+    raise_if_nonfinite,
+    round_batch_size,
+)
 from tda_jax.data import Dataset, batch_iterator, num_examples
-from tda_jax.losses import Loss, MeasurementFn
+from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
 from tda_jax.progress import progress
-from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh
+from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh, replicated
 
 Array = jax.Array
 Params = Any
 
 
-def _check_compatible(curvature: Curvature, apply_fn: ApplyFn, params: Params,
-                      dataset: Dataset, role: str) -> None:
-    if num_examples(dataset) == 0:
-        raise ValueError(f"the {role} dataset is empty (0 examples).")
-    specs = discover_layers(apply_fn, params, dataset, allow_untracked=True)
-    if tuple(s.name for s in specs) != tuple(s.name for s in curvature.specs):
-        raise ValueError(f"the {role} data/model expose layers {[s.name for s in specs]} but the "
-                         f"curvature was fitted on {[s.name for s in curvature.specs]}.")
+class ScoreSteps(NamedTuple):
+    """Compiled steps of the score drivers (build with :func:`build_score_steps`).
 
-
-def _dense_solve(curvature: Curvature, rows: np.ndarray) -> np.ndarray:
-    """``(F + damping)^{-1}`` applied to each row of ``rows [n, P]`` (exact strategy, host float64)."""
-    cholesky = curvature.factors["__dense__"]["cholesky"]
-    return scipy.linalg.cho_solve((cholesky, True), np.asarray(rows, np.float64).T,
-                                  check_finite=False).T
-
-
-def _precondition(curvature: Curvature, grads: dict[str, Array]) -> dict[str, Array]:
-    """Applies ``(F + damping)^{-1}`` to per-layer gradients ``[Q, in, out]``."""
-    if curvature.strategy != "exact":
-        return {s.name: precondition_layer(curvature.strategy, curvature.factors[s.name],
-                                           curvature.damping.get(s.name, 0.0), grads[s.name])
-                for s in curvature.specs}
-    flat = np.concatenate([np.asarray(grads[s.name]).reshape(grads[s.name].shape[0], -1)
-                           for s in curvature.specs], axis=1)
-    solved = _dense_solve(curvature, flat).astype(np.float32)
-    out, offset = {}, 0
-    for s in curvature.specs:
-        out[s.name] = jnp.asarray(solved[:, offset:offset + s.num_params].reshape(-1, s.in_dim,
-                                                                                 s.out_dim))
-        offset += s.num_params
-    return out
-
-
-def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
-                    measurement: MeasurementFn, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
-
-    step = _query_step(apply_fn, measurement)
-    chunks: dict[str, list[np.ndarray]] = {}
-    for batch in batch_iterator(queries, batch_size):
-        grads, finite = step(params, batch)
-        if not bool(finite):
-            raise FloatingPointError("non-finite model outputs on the query batch holding "
-                                     f"examples {batch['index'][batch['mask'] > 0].tolist()[:5]}...")
-        real = int(batch["mask"].sum())
-        for n, v in grads.items():
-            chunks.setdefault(n, []).append(np.asarray(v)[:real])
-    return {n: np.concatenate(v) for n, v in chunks.items()}
-
-
-def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, queries: Dataset,
-                    train: Dataset, *, loss: Loss, measurement: MeasurementFn,
-                    query_batch_size: int = 256, train_batch_size: int = 256,
-                    mesh: jax.sharding.Mesh | None = None,
-                    max_gradient_bytes: int = 2**28) -> np.ndarray:
-    """Influence of every training example on every query.
-
-    Args:
-      apply_fn: ``(params, inputs) -> outputs [B, C]`` (the same one the curvature was fit with).
-      params: trained parameters.
-      curvature: from :func:`tda_jax.curvature.fit_curvature`.
-      queries: query examples; their ``targets`` feed ``measurement``.
-      train: training examples.
-      loss: training loss (its per-example gradient is the training-side vector).
-      measurement: ``(outputs [B, C], targets) -> [B]`` measured on queries.
-      query_batch_size: queries preconditioned and scored together.
-      train_batch_size: training examples per step (rounded up to the device count).
-      mesh: mesh with a ``"data"`` axis over which training batches are sharded.
-      max_gradient_bytes: per layer and training batch, the largest ``[B, in, out]`` intermediate
-        allowed; above it the factored contraction is used, so per-example gradients of large
-        layers are never formed (0 forces the factored form everywhere).
-
-    Returns:
-      ``[num_queries, num_train]`` float32 scores (sign convention in the module docstring).
+    Attributes:
+      query: ``(params, factors, batch) -> ({layer: [Qb, in, out]}, nonfinite)``: preconditioned
+        query gradients in score coordinates.
+      pairwise: ``(params, factors, preconditioned, batch) -> ([S, B] scores, nonfinite)``.
+      self: ``(params, factors, batch) -> ([B] self-influence, nonfinite)``.
     """
-    _check_compatible(curvature, apply_fn, params, queries, "query")
-    _check_compatible(curvature, apply_fn, params, train, "train")
-    mesh = make_data_mesh(1) if mesh is None else mesh
-    train_batch_size = round_batch_size(train_batch_size, mesh)
-    num_q, num_t = num_examples(queries), num_examples(train)
-    scores = np.zeros((num_q, num_t), np.float32)
 
-    step = _pairwise_step(apply_fn, loss, mesh, int(max_gradient_bytes))
-    sharding = data_sharding(mesh)
-    qgrads = query_gradients(apply_fn, params, queries, measurement, query_batch_size)
-    for q0 in range(0, num_q, query_batch_size):
-        q1 = min(q0 + query_batch_size, num_q)
-        block = {n: jnp.asarray(v[q0:q1]) for n, v in qgrads.items()}
-        if q1 - q0 < query_batch_size and num_q > query_batch_size:
-            block = {n: jnp.pad(v, ((0, query_batch_size - (q1 - q0)), (0, 0), (0, 0)))
-                     for n, v in block.items()}
-        precond = _precondition(curvature, block)
-        for batch in progress(batch_iterator(train, train_batch_size), desc="pairwise scores",
-                              total=-(-num_t // train_batch_size)):
-            values, bad = step(params, precond, jax.device_put(batch, sharding))
-            if int(bad) > 0:
-                raise FloatingPointError("non-finite outputs on the training batch holding "
-                                         f"examples from {int(batch['index'][0])}.")
-            real = batch["mask"] > 0
-            scores[q0:q1, batch["index"][real]] = np.asarray(values)[: q1 - q0, real]
-    return scores
-
-
-def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: Dataset, *,
-                loss: Loss, batch_size: int = 256,
-                mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-    """Self-influence ``grad loss_i^T (F + damping)^{-1} grad loss_i`` of each training example.
-
-    Returns:
-      ``[num_train]`` float32, non-negative.
-    """
-    _check_compatible(curvature, apply_fn, params, train, "train")
-    mesh = make_data_mesh(1) if mesh is None else mesh
-    batch_size = round_batch_size(batch_size, mesh)
-    num_t = num_examples(train)
-    out = np.zeros((num_t,), np.float32)
-    exact = curvature.strategy == "exact"
-
-    step = _self_step(apply_fn, loss, curvature.strategy, curvature.specs, mesh)
-    factors = {} if exact else (jax.tree.map(jnp.asarray, curvature.factors),
-                                {n: jnp.float32(v) for n, v in curvature.damping.items()})
-    sharding = data_sharding(mesh)
-    for batch in progress(batch_iterator(train, batch_size), desc="self scores",
-                          total=-(-num_t // batch_size)):
-        values = np.asarray(step(params, factors, jax.device_put(batch, sharding)))
-        if exact:
-            values = np.sum(values * _dense_solve(curvature, values), axis=1)
-        real = batch["mask"] > 0
-        out[batch["index"][real]] = values[real]
-    if not np.all(np.isfinite(out)):
-        raise FloatingPointError("non-finite self-influence scores; check data and parameters.")
-    return out
-
-
-@functools.lru_cache(maxsize=32)
-def _query_step(apply_fn: ApplyFn, measurement: MeasurementFn):
-    @jax.jit
-    def step(p, batch):
-        cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
-        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        finite = jnp.all(jnp.isfinite(outputs))
-        return {n: layer_gradients(a[n], g[n])[0] for n in a}, finite
-
-    return step
+    query: CompiledStep
+    pairwise: CompiledStep
+    self: CompiledStep
 
 
 def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -> Array:
-    """``sum_t a_t^T M_q g_t`` -> ``[Q, B]`` for one layer.
+    """``sum_t a_t^T V_q g_t`` -> ``[Q, B]`` for one layer (any coordinates, same on both sides).
 
     If the batch's per-example gradients ``[B, in, out]`` fit in ``max_gradient_bytes`` the
     contraction order is left to XLA (for ``T = 1`` it forms that batch-sized intermediate, the
-    fastest order); otherwise the factored order ``(a M_q) . g`` is forced, which never forms a
+    fastest order); otherwise the factored order ``(a V_q) . g`` is forced, which never forms a
     per-example gradient.
     """
     batch, positions, fan_in = a.shape
@@ -207,32 +95,207 @@ def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -
     return jnp.einsum("btqo,bto->qb", rotated, g)
 
 
-# check_vma=False below: capture's zero perturbations are device-local (see curvature.fit).
-@functools.lru_cache(maxsize=32)
-def _pairwise_step(apply_fn: ApplyFn, loss: Loss, mesh: jax.sharding.Mesh,
-                   max_gradient_bytes: int):
-    def body(p, precond, batch):
+def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, ...], *,
+                      loss: Loss, measurement: MeasurementFn | None = None,
+                      mesh: jax.sharding.Mesh | None = None,
+                      max_gradient_bytes: int = 2**28) -> ScoreSteps:
+    """Compiled query, pairwise and self-influence steps for one model, loss and curvature block.
+
+    Hold the result and pass ``steps=`` to :func:`pairwise_scores` / :func:`self_scores` to score
+    many times without tracing again.
+    """
+    block = get_block(strategy)
+    loss = check_loss(loss)
+    mesh = make_data_mesh(1) if mesh is None else mesh
+    max_gradient_bytes = int(max_gradient_bytes)
+
+    def query(params, factors, batch):
+        if measurement is None:
+            raise ValueError("these score steps were built without a measurement.")
+        cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
+        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        grads = {n: layer_gradients(a[n], g[n])[0] for n in a}
+        bad = nonfinite_count(outputs, cot(outputs))
+        return block.query_transform(specs, factors, grads), bad
+
+    def pairwise(params, factors, precond, batch):
         cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
-        outputs, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        total = sum(_layer_scores(precond[n], a[n], g[n][0], max_gradient_bytes) for n in a)
-        bad = jnp.sum(~jnp.isfinite(outputs))
-        return -total, jax.lax.psum(bad, DATA_AXIS)
+        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        a, g = block.train_transform(specs, factors, a, g)
+        total = sum(_layer_scores(precond[s.name], a[s.name], g[s.name][0], max_gradient_bytes)
+                    for s in specs)
+        return -total, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=(P(None, DATA_AXIS), P()), check_vma=False))
-
-
-@functools.lru_cache(maxsize=32)
-def _self_step(apply_fn: ApplyFn, loss: Loss, strategy: str, specs: tuple, mesh: jax.sharding.Mesh):
-    def body(p, factors, batch):
+    def self_influence(params, factors, batch):
         cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
-        _, a, g, _ = layer_statistics(apply_fn, p, batch["inputs"], cot)
-        if strategy == "exact":
-            return jnp.concatenate([jnp.reshape(layer_gradients(a[s.name], g[s.name])[0],
-                                                (a[s.name].shape[0], -1)) for s in specs], axis=1)
-        layer_factors, damping = factors
-        return sum(self_quadratic_layer(strategy, layer_factors[n], damping.get(n, 0.0), a[n], g[n])
-                   for n in a)
+        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        values = block.self_quadratic(specs, factors, a, g)
+        return values, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=P(DATA_AXIS), check_vma=False))
+    # check_vma=False: capture's zero perturbations are device-local (see curvature.fit).
+    sharded_pairwise = jax.shard_map(pairwise, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
+                                     out_specs=(P(None, DATA_AXIS), P()), check_vma=False)
+    sharded_self = jax.shard_map(self_influence, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                                 out_specs=(P(DATA_AXIS), P()), check_vma=False)
+    return ScoreSteps(CompiledStep(query, name=f"{block.name}:query"),
+                      CompiledStep(sharded_pairwise, name=f"{block.name}:pairwise"),
+                      CompiledStep(sharded_self, name=f"{block.name}:self"))
+
+
+def _check_inputs(apply_fn, params, curvature, dataset, role, kind):
+    if not isinstance(curvature, Curvature):
+        raise TypeError(f"curvature must be a tda_jax.curvature.Curvature from fit_curvature; got "
+                        f"{type(curvature).__name__}.")
+    specs, num_outputs = inspect_model(apply_fn, params, dataset, role, allow_untracked=True)
+    check_compatible(curvature, specs, role)
+    if kind is not None:
+        check_targets(dataset.targets, num_outputs, kind, f"{role}.targets")
+
+
+def _query_plan(curvature: Curvature, num_queries: int, query_batch_size: int,
+                max_query_bytes: int) -> tuple[int, int]:
+    """``(query block, super-block)`` sizes: blocks of ``query_batch_size`` within the byte budget."""
+    if query_batch_size < 1:
+        raise ValueError(f"query_batch_size must be >= 1, got {query_batch_size}.")
+    per_query = 4 * curvature.num_params
+    block = max(1, min(query_batch_size, max_query_bytes // per_query, num_queries))
+    blocks = max(1, max_query_bytes // (per_query * block))
+    blocks = min(blocks, -(-num_queries // block))
+    return block, block * blocks
+
+
+def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, queries: Dataset,
+                    train: Dataset, *, loss: Loss, measurement: MeasurementFn,
+                    query_batch_size: int = 64, train_batch_size: int = 256,
+                    mesh: jax.sharding.Mesh | None = None, max_gradient_bytes: int = 2**28,
+                    max_query_bytes: int = 2**28, steps: ScoreSteps | None = None) -> np.ndarray:
+    """Influence of every training example on every query.
+
+    Args:
+      apply_fn: ``(params, inputs) -> outputs [B, C]`` (the same one the curvature was fit with).
+      params: trained parameters.
+      curvature: from :func:`tda_jax.curvature.fit_curvature` on this model.
+      queries: query examples; their ``targets`` feed ``measurement`` (checked if the measurement
+        declares ``target_kind``, as :func:`tda_jax.losses.classification_margin` does).
+      train: training examples (targets checked against ``loss``).
+      loss: training loss (its per-example gradient is the training-side vector).
+      measurement: ``(outputs [B, C], targets) -> [B]`` measured on queries.
+      query_batch_size: queries whose gradients are computed together.
+      train_batch_size: training examples per step (rounded up to the device count).
+      mesh: mesh with a ``"data"`` axis over which training batches are sharded.
+      max_gradient_bytes: per layer and training batch, the largest ``[B, in, out]`` intermediate
+        allowed; above it the factored contraction is used (0 forces it everywhere).
+      max_query_bytes: memory for preconditioned queries held at once (a super-block); each
+        training batch is captured once per super-block.
+      steps: compiled steps from :func:`build_score_steps` to reuse (built here if None).
+
+    Returns:
+      ``[num_queries, num_train]`` float32 scores (sign convention in the module docstring).
+    """
+    loss = check_loss(loss)
+    _check_inputs(apply_fn, params, curvature, queries, "query", target_kind_of(measurement))
+    _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
+    mesh = make_data_mesh(1) if mesh is None else mesh
+    train_batch_size = round_batch_size(train_batch_size, mesh)
+    num_q, num_t = num_examples(queries), num_examples(train)
+    if steps is None:
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
+                                  measurement=measurement, mesh=mesh,
+                                  max_gradient_bytes=max_gradient_bytes)
+    block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes)
+    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    sharding = data_sharding(mesh)
+    scores = np.zeros((num_q, num_t), np.float32)
+    for q0 in range(0, num_q, super_block):
+        q1 = min(q0 + super_block, num_q)
+        precond = _preconditioned_queries(steps.query, params, factors, queries, q0, q1, block,
+                                          super_block)
+        precond = jax.device_put(precond, replicated(mesh))
+        values, first_bad = [], jnp.int32(-1)
+        for number, batch in enumerate(progress(batch_iterator(train, train_batch_size),
+                                                desc="pairwise scores",
+                                                total=-(-num_t // train_batch_size))):
+            batch_scores, bad = steps.pairwise(params, factors, precond,
+                                               jax.device_put(batch, sharding))
+            values.append(batch_scores)
+            first_bad = _first_bad(first_bad, bad, number)
+        raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs")
+        scores[q0:q1] = np.asarray(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
+    return scores
+
+
+@jax.jit
+def _first_bad(first_bad, bad, number):
+    return jnp.where((first_bad < 0) & (bad > 0), number, first_bad)
+
+
+def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):
+    """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows."""
+    rows = np.arange(q0, q1)
+    part = Dataset(np.asarray(queries.inputs)[rows], np.asarray(queries.targets)[rows],
+                   queries.num_classes)
+    chunks, first_bad = [], jnp.int32(-1)
+    for number, batch in enumerate(batch_iterator(part, block)):
+        grads, bad = step(params, factors, jax.device_put(batch))
+        chunks.append(grads)
+        first_bad = _first_bad(first_bad, bad, number)
+    if int(first_bad) >= 0:
+        lo = q0 + int(first_bad) * block
+        raise FloatingPointError(
+            f"non-finite model outputs or measurement on the query batch holding examples "
+            f"{lo}..{min(lo + block, q1) - 1}; check the query data and targets.")
+    stacked = {n: jnp.concatenate([c[n] for c in chunks]) for n in chunks[0]}
+    pad = super_block - next(iter(stacked.values())).shape[0]
+    if pad > 0:
+        stacked = {n: jnp.pad(v, ((0, pad), (0, 0), (0, 0))) for n, v in stacked.items()}
+    return stacked
+
+
+def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: Dataset, *,
+                loss: Loss, batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
+                steps: ScoreSteps | None = None) -> np.ndarray:
+    """Self-influence ``grad loss_i^T (F + damping)^{-1} grad loss_i`` of each training example.
+
+    Returns:
+      ``[num_train]`` float32, non-negative.
+    """
+    loss = check_loss(loss)
+    _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
+    mesh = make_data_mesh(1) if mesh is None else mesh
+    batch_size = round_batch_size(batch_size, mesh)
+    num_t = num_examples(train)
+    if steps is None:
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh)
+    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    sharding = data_sharding(mesh)
+    values, first_bad = [], jnp.int32(-1)
+    for number, batch in enumerate(progress(batch_iterator(train, batch_size), desc="self scores",
+                                            total=-(-num_t // batch_size))):
+        batch_values, bad = steps.self(params, factors, jax.device_put(batch, sharding))
+        values.append(batch_values)
+        first_bad = _first_bad(first_bad, bad, number)
+    raise_if_nonfinite(first_bad, batch_size, num_t, "training outputs")
+    out = np.asarray(jnp.concatenate(values))[:num_t]
+    if not np.all(np.isfinite(out)):
+        raise FloatingPointError("non-finite self-influence scores; check data and parameters.")
+    return out
+
+
+def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
+                    measurement: MeasurementFn, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
+    specs, _ = inspect_model(apply_fn, params, queries, "query", allow_untracked=True)
+    identity = get_block("identity")
+    step = build_score_steps(apply_fn, "identity", specs, loss=_UNUSED_LOSS,
+                             measurement=measurement).query
+    factors = identity.initial_factors(specs)
+    num_q = num_examples(queries)
+    grads = _preconditioned_queries(step, params, factors, queries, 0, num_q, batch_size, num_q)
+    return {n: np.asarray(v) for n, v in grads.items()}
+
+
+def _unused_per_example(outputs, targets):
+    raise AssertionError("unused")
+
+
+_UNUSED_LOSS = Loss("unused", _unused_per_example, _unused_per_example, _unused_per_example)

@@ -1,0 +1,62 @@
+"""K-FAC block: ``F_l = A (x) G`` with ``A = E[mean_t a_t a_t^T]`` and ``G = E[sum_k sum_t g g^T]``.
+
+``A`` is averaged over positions and ``G`` summed over them (and over the expected Fisher's ``K``
+cotangents), the usual convention for shared weights (conv positions, tokens, a layer called
+twice); for ``T = 1`` both are ordinary expectations. ``A`` and ``G`` are eigendecomposed on the host
+in ``eigh_dtype``; the preconditioner works in the eigenbasis ``Q_A (x) Q_G`` with eigenvalues
+``outer(eig_A, eig_G)``. Default damping: ``0.1 x mean(eig_A) x mean(eig_G)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from tda_jax.curvature.blocks.base import (
+    LayerwiseBlock,
+    check_nonsingular,
+    default_damping,
+    register_block,
+)
+
+
+def covariance_sums(a, g, mask):
+    """``{"A": sum_b mean_t a a^T [in, in], "G": sum_{k,b,t} g g^T [out, out]}`` for one batch."""
+    masked_a = a * mask[:, None, None].astype(a.dtype)
+    return {"A": jnp.einsum("bti,btj->ij", masked_a, a) / a.shape[1],
+            "G": jnp.einsum("kbto,kbtp->op", g, g)}
+
+
+def host_eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0) and eigenvectors of a symmetric host matrix, computed in ``dtype``."""
+    vals, vecs = np.linalg.eigh(np.asarray(matrix, dtype=dtype))
+    return np.clip(vals, 0.0, None).astype(np.float32), vecs.astype(np.float32)
+
+
+class KFACBlock(LayerwiseBlock):
+    """Kronecker-factored curvature from one covariance pass."""
+
+    name = "kfac"
+    passes = ("covariance",)
+
+    def layer_statistics(self, pass_name, a, g, mask, inputs):
+        return covariance_sums(a, g, mask)
+
+    def layer_finalize(self, pass_name, spec, stats, count, factors, damping, eigh_dtype):
+        vals_a, vecs_a = host_eigh(np.asarray(stats["A"]) / count, eigh_dtype)
+        vals_g, vecs_g = host_eigh(np.asarray(stats["G"]) / count, eigh_dtype)
+        used = default_damping(vals_a.mean() * vals_g.mean(), damping)
+        if type(self) is KFACBlock:
+            check_nonsingular(f"layer {spec.name!r} (kfac)", np.outer(vals_a, vals_g), used)
+        return {"eigvecs_A": jnp.asarray(vecs_a), "eigvals_A": jnp.asarray(vals_a),
+                "eigvecs_G": jnp.asarray(vecs_g), "eigvals_G": jnp.asarray(vals_g),
+                "damping": jnp.float32(used)}
+
+    def basis(self, factors):
+        return factors["eigvecs_A"], factors["eigvecs_G"]
+
+    def eigenvalues(self, factors):
+        return jnp.outer(factors["eigvals_A"], factors["eigvals_G"])
+
+
+KFAC = register_block(KFACBlock())
