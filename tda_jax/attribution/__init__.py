@@ -4,7 +4,21 @@ Sign convention for every method: a positive score means training on the example
 query's measurement up; scores are not divided by the number of training examples.
 """
 
-from tda_jax.attribution.influence import pairwise_scores, query_gradients, self_scores
+from tda_jax.attribution.influence import (
+    ScoreSteps,
+    build_score_steps,
+    pairwise_scores,
+    query_gradients,
+    self_scores,
+)
 from tda_jax.curvature import Curvature, fit_curvature
 
-__all__ = ["Curvature", "fit_curvature", "pairwise_scores", "query_gradients", "self_scores"]
+__all__ = [
+    "Curvature",
+    "ScoreSteps",
+    "build_score_steps",
+    "fit_curvature",
+    "pairwise_scores",
+    "query_gradients",
+    "self_scores",
+]

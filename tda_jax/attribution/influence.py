@@ -115,7 +115,8 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
         outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
         grads = {n: layer_gradients(a[n], g[n])[0] for n in a}
-        bad = nonfinite_count(outputs, cot(outputs))
+        values = jnp.where(batch["mask"] > 0, measurement(outputs, batch["targets"]), 0.0)
+        bad = nonfinite_count(outputs, values, cot(outputs))
         return block.query_transform(specs, factors, grads), bad
 
     def pairwise(params, factors, precond, batch):
