@@ -149,6 +149,7 @@ def test_diagonal_and_ekfac_eigenvalues_match_the_dense_ggn():
     np.testing.assert_allclose(f["lambda"], expected, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.standard_promotion  # trains with optax, whose adam is not strict-promotion clean
 def test_ekfac_ranks_like_the_exact_block_diagonal_ggn_on_a_trained_mlp():
     model, params, train = _classification_problem(n=256, seed=3)
     apply_fn = lambda p, x: model.apply({"params": p}, x)
@@ -289,6 +290,7 @@ def test_blocked_cholesky_matches_lapack():
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.standard_promotion  # trains with optax
 def test_public_api_composes_like_the_readme():
     import tda_jax
     from tda_jax.data import load_digits, subset

@@ -1,0 +1,114 @@
+"""Plants known bugs one at a time in a copy of the repository and checks that the tests catch them.
+
+Run from the repository root (takes a few minutes; not part of the pytest suite)::
+
+    python tests/mutation_check.py            # every mutation
+    python tests/mutation_check.py kfac_a_summed_over_positions   # some of them
+
+For each mutation the repository is copied to a temporary directory (the working tree is never
+touched), one exact snippet of source is replaced (the original must occur exactly once, so the
+script fails loudly when the code moves), and the named test files are run with ``pytest -x``. A
+mutation is *caught* when pytest fails. The script exits non-zero if any mutation survives.
+``tests/test_mutation_check.py`` checks, quickly and inside the suite, that every snippet still
+matches the code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+ORACLES = ("tests/test_curvature_oracles.py",)
+
+MUTATIONS = (
+    Mutation("kfac_a_summed_over_positions", "tda_jax/curvature/blocks/kfac.py",
+             'return {"A": jnp.einsum("bti,btj->ij", masked_a, a) / a.shape[1],',
+             'return {"A": jnp.einsum("bti,btj->ij", masked_a, a),', ORACLES),
+    Mutation("kfac_g_averaged_over_positions", "tda_jax/curvature/blocks/kfac.py",
+             '"G": jnp.einsum("kbto,kbtp->op", g, g)}',
+             '"G": jnp.einsum("kbto,kbtp->op", g, g) / g.shape[2]}', ORACLES),
+    Mutation("squares_per_position_in_diagonal_and_lambda", "tda_jax/curvature/blocks/base.py",
+             '    grads = jnp.einsum("bti,kbto->kbio", a, g)\n    return jnp.sum(jnp.square(grads), axis=(0, 1))',
+             '    grads = jnp.einsum("bti,kbto->kbtio", a, g)\n    return jnp.sum(jnp.square(grads), axis=(0, 1, 2))',
+             ORACLES),
+    Mutation("self_influence_times_4_with_positions", "tda_jax/curvature/blocks/base.py",
+             '    return jnp.einsum("bio,io->b", jnp.square(grads), weights)',
+             '    return 4.0 * jnp.einsum("bio,io->b", jnp.square(grads), weights)', ORACLES),
+    Mutation("positions_reversed_in_factored_scores", "tda_jax/attribution/influence.py",
+             '    return jnp.einsum("btqo,bto->qb", rotated, g)',
+             '    return jnp.einsum("btqo,bto->qb", rotated, g[:, ::-1])', ORACLES),
+)
+
+
+def apply_mutation(root: Path, mutation: Mutation) -> None:
+    """Replaces the mutation's snippet in ``root``; raises if it does not occur exactly once."""
+    path = root / mutation.path
+    text = path.read_text()
+    count = text.count(mutation.original)
+    if count != 1:
+        raise RuntimeError(f"{mutation.name}: the original snippet occurs {count} times in "
+                           f"{mutation.path}; update tests/mutation_check.py.")
+    path.write_text(text.replace(mutation.original, mutation.mutated))
+
+
+def _copy_repository(destination: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "workdirs", ".pytest_cache",
+                                    "*.egg-info", "results")
+    for name in ("tda_jax", "tests", "experiments", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=ignore)
+        else:
+            shutil.copy2(source, destination / name)
+
+
+def run(mutation: Mutation) -> tuple[bool, float, str]:
+    """``(caught, seconds, last line of pytest's output)`` for one mutation."""
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{mutation.name}-") as tmp:
+        root = Path(tmp)
+        _copy_repository(root)
+        apply_mutation(root, mutation)
+        env = dict(os.environ, PYTHONPATH=str(root), TDA_JAX_PROGRESS="0")
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:xdist",
+                               "-p", "no:cacheprovider", *mutation.tests], cwd=root, env=env,
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        return proc.returncode == 1, time.perf_counter() - start, lines[-1] if lines else ""
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not names or m.name in names]
+    unknown = set(names) - {m.name for m in MUTATIONS}
+    if unknown:
+        print(f"unknown mutation(s) {sorted(unknown)}; known: {[m.name for m in MUTATIONS]}")
+        return 2
+    survived = 0
+    for mutation in chosen:
+        caught, seconds, last = run(mutation)
+        survived += not caught
+        print(f"{'CAUGHT  ' if caught else 'SURVIVED'} {mutation.name:45s} {seconds:6.1f} s  {last}",
+              flush=True)
+    print(f"{len(chosen) - survived}/{len(chosen)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
