@@ -8,6 +8,7 @@ Bounds are checked with standard errors from the chains themselves, so a sign fl
 ``- log C`` (log 64 ≈ 4.2 nats) or a reversed step-size map fails.
 """
 
+import functools
 import importlib
 
 import jax
@@ -210,6 +211,40 @@ def test_tuned_step_sizes_shrink_with_beta(tuned):
     assert np.all(s > 0) and np.all(np.isfinite(s))
     # The posterior at beta = 1 is ~sqrt(31) times narrower than the prior.
     assert s[-1] < 0.5 * s[0]
+
+
+def _lik_with_mean(lam, m, z):
+    return C_LIK - 0.5 * jnp.sum(lam * (z - m) ** 2)
+
+
+def test_tuning_with_inputs_is_the_same_recipe_and_compiles_once():
+    """``inputs`` mode (used by tda_jax.mi) = the plain tuner per problem, without recompiling."""
+    betas = mcmc.geometric_schedule(20, start=1e-3)
+    tuning = importlib.import_module("tda_jax.mcmc.tuning")
+    small = dict(num_anchors=3, num_pilot_steps=10, num_integration_steps=3)
+    z = prior_samples(jax.random.key(30), 8)
+    key = jax.random.key(31)
+    before = tuning._tune_anchors_jit._cache_size()
+    # One problem through `inputs` equals the plain call on that problem's key.
+    lik = jax.tree_util.Partial(_lik_with_mean, LAM)
+    batched = mcmc.tune_ais_step_sizes(key, z[None], log_prior, lik, betas, inputs=M[None], **small)
+    plain = mcmc.tune_ais_step_sizes(
+        jax.random.split(key, 1)[0], z, log_prior, functools.partial(_lik_with_mean, LAM, M), betas,
+        **small,
+    )
+    np.testing.assert_allclose(batched, plain, rtol=1e-4)
+    assert float(batched[-1]) < float(batched[0])
+    # New bound arrays and new data of the same shapes reuse the compiled pilot (one entry for
+    # the batched calls, one for the plain call).
+    for scale in (0.5, 2.0):
+        lik = jax.tree_util.Partial(_lik_with_mean, scale * LAM)
+        steps = mcmc.tune_ais_step_sizes(
+            key, z[None], log_prior, lik, betas, inputs=scale * M[None], **small
+        )
+        assert steps.shape == (20,) and bool(jnp.all(steps > 0))
+    assert tuning._tune_anchors_jit._cache_size() - before <= 2
+    with pytest.raises(ValueError, match="num_problems"):
+        mcmc.tune_ais_step_sizes(key, jnp.stack([z, z]), log_prior, lik, betas, inputs=M[None])
 
 
 def test_annealed_chain_matches_documented_reverse_convention():

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from jax._src import monitoring
 
-from tda_jax.attribution import build_score_steps, fit_curvature, pairwise_scores, self_scores
+from tda_jax.attribution import (
+    build_score_steps,
+    fit_curvature,
+    pairwise_scores,
+    query_gradients,
+    self_scores,
+)
 from tda_jax.curvature import Curvature, LayerwiseBlock, register_block
 from tda_jax.curvature.blocks import get_block
 from tda_jax.data import Dataset
@@ -223,3 +229,23 @@ def test_a_new_block_plugs_in_with_one_registration():
     assert get_block("test_scaled_identity").name == "test_scaled_identity"
     with pytest.raises(ValueError, match="not one of the registered curvature blocks"):
         get_block("nope")
+
+
+def test_query_super_blocks_and_query_gradients_do_not_change_results():
+    model, params, train = _problem(n=22)
+    apply_fn = _apply(model)
+    curvature = fit_curvature(apply_fn, params, train, strategy="ekfac", loss=LOSS)
+    kwargs = dict(loss=LOSS, measurement=classification_margin, train_batch_size=8)
+    one = pairwise_scores(apply_fn, params, curvature, train, train, **kwargs)
+    per_query = 4 * curvature.num_params
+    # Blocks of 3 queries, super-blocks of 2 blocks: 22 queries in 4 super-blocks, the last partial.
+    many = pairwise_scores(apply_fn, params, curvature, train, train, query_batch_size=3,
+                           max_query_bytes=6 * per_query, **kwargs)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
+    grads = query_gradients(apply_fn, params, train, classification_margin, batch_size=4)
+    last = jax.grad(lambda p: classification_margin(apply_fn(p, train.inputs[21:]),
+                                                    train.targets[21:])[0])(params)
+    assert grads["Dense_1"].shape == (22, 5, 5)
+    np.testing.assert_allclose(grads["Dense_1"][21, :4], last["Dense_1"]["kernel"], rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(grads["Dense_1"][21, 4], last["Dense_1"]["bias"], rtol=1e-5, atol=1e-7)

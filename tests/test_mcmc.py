@@ -161,6 +161,96 @@ def test_step_size_is_traced_without_recompiling():
     assert step._cache_size() == 1
 
 
+# ------------------------------------------------------------- pytree positions
+# A correlated 7-d Gaussian seen two ways: as a flat vector [7] and as the pytree
+# {"a": [3], "b": [2, 2]} whose ravel (leaves in key order, each raveled C-order) is that vector.
+TREE_PRECISION = jnp.linalg.inv(
+    0.5 * jnp.eye(7) + 0.5 * jnp.exp(-jnp.abs(jnp.arange(7.0)[:, None] - jnp.arange(7.0)))
+)
+TREE_MEAN = jnp.linspace(-1.0, 1.0, 7)
+
+
+def flat_log_density(z):
+    d = z - TREE_MEAN
+    return -0.5 * d @ TREE_PRECISION @ d
+
+
+def ravel_tree(tree):
+    return jnp.concatenate([tree["a"], tree["b"].reshape(-1)])
+
+
+def unravel_flat(z):
+    return {"a": z[:3], "b": z[3:].reshape(2, 2)}
+
+
+def tree_log_density(tree):
+    return flat_log_density(ravel_tree(tree))
+
+
+@pytest.mark.parametrize("kernel", ["hmc", "mala"])
+def test_pytree_position_gives_the_flat_vector_chain(kernel):
+    """Same keys, same chain: the kernels act leaf-wise exactly as on the raveled vector."""
+    inv_mass_flat = jnp.linspace(0.5, 2.0, 7)
+    num_steps = 6
+
+    def chain(key, z0, log_density_fn, inverse_mass):
+        init = mcmc.hmc_init if kernel == "hmc" else mcmc.mala_init
+        state = init(z0, log_density_fn)
+
+        def body(s, k):
+            if kernel == "hmc":
+                s, info = mcmc.hmc_step(k, s, log_density_fn, 0.7, 4, inverse_mass)
+            else:
+                s, info = mcmc.mala_step(k, s, log_density_fn, 0.4)
+            return s, (s.position, info.acceptance_probability)
+
+        return jax.lax.scan(body, state, jax.random.split(key, num_steps))
+
+    keys = jax.random.split(jax.random.key(21), 32)
+    z0 = jax.random.normal(jax.random.key(22), (32, 7))
+
+    @jax.jit
+    def run_both(keys, z0):
+        flat = jax.vmap(lambda k, z: chain(k, z, flat_log_density, inv_mass_flat))(keys, z0)
+        tree = jax.vmap(
+            lambda k, z: chain(k, unravel_flat(z), tree_log_density, unravel_flat(inv_mass_flat))
+        )(keys, z0)
+        return flat, tree
+
+    (flat_state, (flat_path, flat_acc)), (tree_state, (tree_path, tree_acc)) = run_both(keys, z0)
+    assert isinstance(tree_state, mcmc.MCMCState) and mcmc.HMCState is mcmc.MALAState
+    assert tree_state.position["b"].shape == (32, 2, 2)
+    assert tree_state.grad_log_density["b"].shape == (32, 2, 2)
+    np.testing.assert_allclose(jax.vmap(jax.vmap(ravel_tree))(tree_path), flat_path, atol=1e-5)
+    np.testing.assert_allclose(tree_acc, flat_acc, atol=1e-5)
+    np.testing.assert_allclose(tree_state.log_density, flat_state.log_density, atol=1e-4)
+    np.testing.assert_allclose(
+        jax.vmap(ravel_tree)(tree_state.grad_log_density), flat_state.grad_log_density, atol=1e-4
+    )
+    # Large steps: both accepted and rejected proposals occur, so the comparison covers both.
+    acc = np.asarray(flat_acc)
+    assert 0.2 < acc.mean() < 0.9 and (acc < 0.5).any() and (acc > 0.99).any(), acc.mean()
+
+
+def test_pytree_hmc_with_scalar_mass_matches_flat_leapfrog_and_energy():
+    tree0 = unravel_flat(jnp.linspace(-0.5, 0.5, 7))
+    p0 = unravel_flat(jnp.linspace(1.0, -1.0, 7))
+    vg = jax.value_and_grad(tree_log_density)
+    ld0, g0 = vg(tree0)
+    z1, p1, ld1, g1 = mcmc.leapfrog(vg, tree0, p0, ld0, g0, 0.05, 20, 2.0)
+    flat_vg = jax.value_and_grad(flat_log_density)
+    fz0 = ravel_tree(tree0)
+    fz1, fp1, fld1, _ = mcmc.leapfrog(
+        flat_vg, fz0, ravel_tree(p0), ld0, ravel_tree(g0), 0.05, 20, 2.0 * jnp.ones(7)
+    )
+    np.testing.assert_allclose(ravel_tree(z1), fz1, atol=1e-5)
+    np.testing.assert_allclose(ravel_tree(p1), fp1, atol=1e-5)
+    np.testing.assert_allclose(ld1, fld1, atol=1e-5)
+    energy0 = -ld0 + mcmc.kinetic_energy(p0, {"a": 2.0, "b": 2.0})
+    energy1 = -ld1 + mcmc.kinetic_energy(p1, {"a": 2.0, "b": 2.0})
+    assert abs(float(energy1 - energy0)) < 1e-2
+
+
 def nan_outside_half_space(z):
     # Log density undefined (NaN) for z[0] > 0.5.
     return jnp.where(z[0] > 0.5, jnp.nan, -0.5 * jnp.sum(z**2))
@@ -192,17 +282,26 @@ def test_nan_proposals_are_rejected(kernel):
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="non-finite|finite"):
         mcmc.hmc_init(jnp.array([1.0, 0.0]), nan_outside_half_space)
-    with pytest.raises(ValueError, match=r"shape \[D\]"):
-        mcmc.hmc_init(jnp.zeros((2, 3)), gaussian_log_density)
-    with pytest.raises(ValueError, match=r"shape \[D\]"):
-        mcmc.mala_init(jnp.zeros(()), gaussian_log_density)
+    with pytest.raises(ValueError, match="at least one array leaf"):
+        mcmc.hmc_init({}, gaussian_log_density)
+    # A batch of chains passed to a single-chain kernel: the density is not a scalar.
+    with pytest.raises(ValueError, match="scalar"):
+        mcmc.mala_init(jnp.zeros((2, 3)), lambda z: -0.5 * jnp.sum(z**2, axis=-1))
     with pytest.raises(ValueError, match="scalar"):
         mcmc.hmc_init(jnp.zeros(3), lambda z: z**2)
     with pytest.raises(TypeError, match="floating"):
         mcmc.hmc_init(jnp.zeros(3, jnp.int32), gaussian_log_density)
+    with pytest.raises(TypeError, match=r"\['b'\].*floating"):
+        mcmc.hmc_init({"a": jnp.zeros(2), "b": jnp.zeros(2, jnp.int32)}, tree_log_density)
     state = mcmc.hmc_init(jnp.zeros(3), gaussian_log_density)
     with pytest.raises(ValueError, match="inverse_mass_diag"):
         mcmc.hmc_step(jax.random.key(0), state, gaussian_log_density, 0.1, 2, jnp.ones(4))
+    tree_state = mcmc.hmc_init(unravel_flat(jnp.zeros(7)), tree_log_density)
+    with pytest.raises(ValueError, match="inverse_mass_diag"):
+        mcmc.hmc_step(jax.random.key(0), tree_state, tree_log_density, 0.1, 2, {"a": jnp.ones(3)})
+    with pytest.raises(ValueError, match="inverse_mass_diag"):
+        bad_mass = {"a": jnp.ones(3), "b": jnp.ones(4)}
+        mcmc.hmc_step(jax.random.key(0), tree_state, tree_log_density, 0.1, 2, bad_mass)
     init = exact_samples(jax.random.key(2), 4)
     with pytest.raises(ValueError, match="kernel"):
         mcmc.tune_step_size(jax.random.key(0), init, gaussian_log_density, kernel="nuts")

@@ -7,6 +7,8 @@ sampling for a run that never resamples. Statistical checks use fixed keys and c
 intervals over vmapped runs (one compile per check).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +168,49 @@ def test_conditional_smc_upper_bounds_log_z():
     _assert_unbiased(-log_z_hat, -LOG_Z)
 
 
+def test_conditional_resampling_law_is_independent_draws_with_pinned_reference():
+    """Exact oracle for the conditional multinomial step of CSMC (what its invariance rests on).
+
+    Given weights ``w``, particle 0 keeps ancestor 0 (the reference) and every other slot
+    ``j >= 1`` draws its ancestor independently from ``Categorical(w)``, the reference included.
+    Checked slot by slot over many runs with binomial confidence intervals; a scheme that sorts the
+    ancestors and then overwrites slot 0 (dropping the smallest draw instead of a uniformly chosen
+    one) puts order statistics in the slots and fails by many standard errors.
+    """
+    weights = np.array([0.1, 0.3, 0.05, 0.4, 0.15])
+    n, num_runs = weights.size, 20_000
+    x0 = jnp.arange(n, dtype=jnp.float32)
+    ref = jnp.array([0.0, 10.0], jnp.float32)  # reference[0] is particle 0 at time 0
+
+    def keep(key, x, t):  # identity move, so particles reveal their ancestors
+        return x
+
+    def flat(x_prev, x, t):
+        return jnp.zeros_like(x)
+
+    def one(key):
+        state = init(pin_reference(x0, ref), jnp.log(jnp.asarray(weights, jnp.float32)))
+        out = run_conditional_smc(key, state, ref, keep, flat, 1)
+        return out.infos.ancestors[0], out.state.particles
+
+    keys = jax.random.split(jax.random.key(12), num_runs)
+    ancestors, particles = (np.asarray(a) for a in jax.jit(jax.vmap(one))(keys))
+    assert np.all(ancestors[:, 0] == 0) and np.all(particles[:, 0] == 10.0)
+    np.testing.assert_array_equal(particles[:, 1:], np.asarray(x0)[ancestors[:, 1:]])
+    for j in range(1, n):
+        freq = np.bincount(ancestors[:, j], minlength=n) / num_runs
+        z = (freq - weights) / np.sqrt(weights * (1 - weights) / num_runs)
+        assert np.all(np.abs(z) < 4.5), (j, freq, z)
+    # Independence between slots: the reference's offspring count among the free slots is
+    # Binomial(n - 1, w_0) (a sorted or otherwise correlated scheme changes this law).
+    count = (ancestors[:, 1:] == 0).sum(axis=1)
+    pmf = np.array([math.comb(n - 1, k) * weights[0] ** k * (1 - weights[0]) ** (n - 1 - k)
+                    for k in range(n)])
+    freq = np.bincount(count, minlength=n) / num_runs
+    z = (freq - pmf) / np.sqrt(pmf * (1 - pmf) / num_runs)
+    assert np.all(np.abs(z[pmf > 1e-3]) < 4.5), (freq, pmf, z)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gaussian drift with exact twists: x_0 = 0, x_t = x_{t-1} + N(0, S2 I), t = 1..D, one
 # observation y ~ N(x_D, R2 I) in 2-D. Twist psi_t(x) = N(y; x, ((D - t) S2 + R2) I); proposing
@@ -175,12 +220,13 @@ Y_DRIFT = jnp.array([1.5, -2.0])
 
 
 def _log_psi(x, t):
-    var = (D - t) * S2 + R2
+    # t is the int32 time index; cast it (strict dtype promotion in tests).
+    var = (D - jnp.asarray(t, jnp.float32)) * S2 + R2
     return jnp.sum(-0.5 * (jnp.log(2 * jnp.pi * var) + (Y_DRIFT - x) ** 2 / var), axis=-1)
 
 
 def _optimal_moments(x_prev, t):
-    v = (D - t) * S2 + R2
+    v = (D - jnp.asarray(t, jnp.float32)) * S2 + R2
     var = 1.0 / (1.0 / S2 + 1.0 / v)
     return var * (x_prev / S2 + Y_DRIFT / v), var
 
@@ -281,10 +327,10 @@ def test_never_resampling_is_importance_sampling():
     x0 = jnp.linspace(-1.0, 1.0, 8)
 
     def proposal(key, x, t):
-        return x + 0.1 * t
+        return x + 0.1 * t.astype(x.dtype)
 
     def potential(x_prev, x, t):
-        return -((x - 0.3) ** 2) * t
+        return -((x - 0.3) ** 2) * t.astype(x.dtype)
 
     state = init(x0, -(x0**2))
     out = run_smc(jax.random.key(0), state, proposal, potential, 4, ess_threshold=0.0)

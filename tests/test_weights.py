@@ -83,3 +83,39 @@ def test_log_mean_exp_and_log_sum_exp():
     np.testing.assert_allclose(g, [0.5, 0.0, 0.5], atol=1e-6)
     g_all = jax.grad(lambda v: log_sum_exp(v + 0.0))(jnp.full((2,), -jnp.inf))
     assert np.all(np.isfinite(g_all))
+
+
+def test_log_mean_exp_infinite_edge_cases_eager_and_jitted():
+    """One log_mean_exp for SMC, AIS and the MI bounds: infinities are exact, never NaN."""
+    import tda_jax.mi as mi
+    from tda_jax.mcmc import log_mean_exp as mcmc_log_mean_exp
+
+    assert mi.log_mean_exp is log_mean_exp and mcmc_log_mean_exp is log_mean_exp
+    inf = np.inf
+    x = np.array(
+        [
+            [-inf, -inf, -inf],  # all zero weight -> -inf
+            [inf, 0.0, 1.0],  # an infinite weight -> +inf
+            [inf, -inf, -inf],  # +inf beats -inf -> +inf
+            [inf, inf, inf],
+            [-inf, 0.0, -inf],  # only finite entry: log(1/3)
+            [1000.0, 1000.0, -inf],  # no overflow: 1000 + log(2/3)
+            [-1000.0, -1000.0, -1000.0],  # no underflow
+            [np.nan, 0.0, -inf],  # NaN stays NaN
+        ],
+        np.float32,
+    )
+    expected = [-inf, inf, inf, inf, np.log(1 / 3), 1000.0 + np.log(2 / 3), -1000.0, np.nan]
+    for fn in (log_mean_exp, jax.jit(log_mean_exp, static_argnames="axis")):
+        for axis, values in ((1, x), (-1, x), (0, x.T)):
+            out = np.asarray(fn(jnp.asarray(values), axis=axis), np.float64)
+            np.testing.assert_allclose(out, expected, rtol=1e-6)
+            assert np.array_equal(np.isnan(out), np.isnan(expected)), out
+    # Batched (vmapped) use, as in the MI bounds: the -inf row does not poison the others.
+    out = jax.vmap(log_mean_exp)(jnp.asarray(x[:7]))
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected[:7], rtol=1e-6)
+    # Gradients stay finite for all -inf inputs and put zero weight on -inf entries.
+    g = jax.grad(lambda v: log_mean_exp(v, axis=0))(jnp.full((3,), -jnp.inf))
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+    g = jax.grad(lambda v: log_mean_exp(v, axis=0))(jnp.array([1000.0, 1000.0, -jnp.inf]))
+    np.testing.assert_allclose(g, [0.5, 0.5, 0.0], atol=1e-6)

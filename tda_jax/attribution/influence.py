@@ -96,7 +96,7 @@ def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -
 
 
 def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, ...], *,
-                      loss: Loss, measurement: MeasurementFn | None = None,
+                      loss: Loss | None, measurement: MeasurementFn | None = None,
                       mesh: jax.sharding.Mesh | None = None,
                       max_gradient_bytes: int = 2**28) -> ScoreSteps:
     """Compiled query, pairwise and self-influence steps for one model, loss and curvature block.
@@ -105,9 +105,14 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
     many times without tracing again.
     """
     block = get_block(strategy)
-    loss = check_loss(loss)
+    loss = None if loss is None else check_loss(loss)
     mesh = make_data_mesh(1) if mesh is None else mesh
     max_gradient_bytes = int(max_gradient_bytes)
+
+    def training_cotangents(batch):
+        if loss is None:
+            raise ValueError("these score steps were built with loss=None (query gradients only).")
+        return loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
 
     def query(params, factors, batch):
         if measurement is None:
@@ -120,7 +125,7 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         return block.query_transform(specs, factors, grads), bad
 
     def pairwise(params, factors, precond, batch):
-        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
+        cot = training_cotangents(batch)
         outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
         a, g = block.train_transform(specs, factors, a, g)
         total = sum(_layer_scores(precond[s.name], a[s.name], g[s.name][0], max_gradient_bytes)
@@ -128,7 +133,7 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         return -total, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
 
     def self_influence(params, factors, batch):
-        cot = loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
+        cot = training_cotangents(batch)
         outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
         values = block.self_quadratic(specs, factors, a, g)
         return values, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
@@ -245,8 +250,8 @@ def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super
         raise FloatingPointError(
             f"non-finite model outputs or measurement on the query batch holding examples "
             f"{lo}..{min(lo + block, q1) - 1}; check the query data and targets.")
-    stacked = {n: jnp.concatenate([c[n] for c in chunks]) for n in chunks[0]}
-    pad = super_block - next(iter(stacked.values())).shape[0]
+    stacked = {n: jnp.concatenate([c[n] for c in chunks])[: q1 - q0] for n in chunks[0]}
+    pad = super_block - (q1 - q0)
     if pad > 0:
         stacked = {n: jnp.pad(v, ((0, pad), (0, 0), (0, 0))) for n, v in stacked.items()}
     return stacked
@@ -287,16 +292,9 @@ def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
     """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
     specs, _ = inspect_model(apply_fn, params, queries, "query", allow_untracked=True)
     identity = get_block("identity")
-    step = build_score_steps(apply_fn, "identity", specs, loss=_UNUSED_LOSS,
-                             measurement=measurement).query
+    step = build_score_steps(apply_fn, "identity", specs, loss=None, measurement=measurement).query
     factors = identity.initial_factors(specs)
     num_q = num_examples(queries)
     grads = _preconditioned_queries(step, params, factors, queries, 0, num_q, batch_size, num_q)
     return {n: np.asarray(v) for n, v in grads.items()}
 
-
-def _unused_per_example(outputs, targets):
-    raise AssertionError("unused")
-
-
-_UNUSED_LOSS = Loss("unused", _unused_per_example, _unused_per_example, _unused_per_example)

@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tda_jax.mcmc.hmc import Array, HMCState, check_position, hmc_step_from_value_and_grad
-from tda_jax.mcmc.mala import MALAState, mala_step_from_value_and_grad
+from tda_jax.mcmc.hmc import hmc_step_from_value_and_grad
+from tda_jax.mcmc.mala import mala_step_from_value_and_grad
 from tda_jax.mcmc.schedules import check_schedule
+from tda_jax.mcmc.state import Array, MCMCState
 from tda_jax.probability.weights import log_mean_exp
 
 LogDensityFn = Callable[[Array], Array]
@@ -157,16 +158,31 @@ def mcmc_transition(
     if kernel == "hmc":
         state, info = hmc_step_from_value_and_grad(
             key,
-            HMCState(position, log_density, grad),
+            MCMCState(position, log_density, grad),
             value_and_grad_fn,
             step_size,
             num_integration_steps,
         )
     else:
         state, info = mala_step_from_value_and_grad(
-            key, MALAState(position, log_density, grad), value_and_grad_fn, step_size
+            key, MCMCState(position, log_density, grad), value_and_grad_fn, step_size
         )
     return state.position, state.log_density, state.grad_log_density, info.acceptance_probability
+
+
+def _check_flat_position(position: Array, name: str) -> None:
+    """Raises unless ``position`` is a flat floating vector ``[D]`` (AIS chains are flat)."""
+    shape = jnp.shape(position)
+    if len(shape) != 1:
+        raise ValueError(
+            f"`{name}` must be a flat vector of shape [D] for a single chain, got shape {shape}. "
+            "Flatten the parameters (jax.flatten_util.ravel_pytree) and vmap over chains."
+        )
+    if not jnp.issubdtype(jnp.result_type(position), jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype, got {jnp.result_type(position)}; "
+            "cast it with .astype(jnp.float32)."
+        )
 
 
 def check_kernel(kernel: str) -> None:
@@ -230,7 +246,7 @@ def annealed_chain(
       acceptance probability over all ``T * num_mcmc_steps`` transitions.
     """
     check_kernel(kernel)
-    check_position(initial_position, "initial_position")
+    _check_flat_position(initial_position, "initial_position")
     betas_shape = jnp.shape(betas)
     if len(betas_shape) != 1 or betas_shape[0] < 2:
         raise ValueError(f"`betas` must have shape [T + 1] with T >= 1, got {betas_shape}.")

@@ -1,8 +1,11 @@
 """Hamiltonian Monte Carlo: leapfrog integration followed by a Metropolis correction.
 
-Single-chain kernel on a flat position ``[D]``; callers ``vmap`` over chains, ``scan`` over steps
-and ``jit`` as they wish (nothing here is jitted). ``step_size`` may be a traced scalar, so an
-annealing driver can change it per temperature without recompiling.
+Single-chain kernel on a position that is any pytree of floating arrays (a flat vector ``[D]`` or,
+e.g., a dict of parameter arrays; see :mod:`tda_jax.mcmc.state`). Momentum, the diagonal mass and
+the leapfrog updates act leaf-wise; on a pytree the kernel draws the same numbers as on the
+flattened vector. Callers ``vmap`` over chains, ``scan`` over steps and ``jit`` as they wish
+(nothing here is jitted). ``step_size`` may be a traced scalar, so an annealing driver can change it
+per temperature without recompiling.
 
 Non-finite log densities: a proposal whose log density, energy or gradient is not finite is
 rejected (acceptance probability 0), so a chain started at a point of finite log density only ever
@@ -12,30 +15,40 @@ non-finite density.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-LogDensityFn = Callable[[Array], Array]
-# value_and_grad_fn(position [D]) -> (log_density scalar, grad [D])
-ValueAndGradFn = Callable[[Array], tuple[Array, Array]]
+from tda_jax.mcmc.state import (
+    Array,
+    LogDensityFn,
+    MCMCState,
+    PyTree,
+    ValueAndGradFn,
+    broadcast_inverse_mass,
+    check_position,
+    mcmc_init,
+    position_dtype,
+    tree_all_finite,
+    tree_normal,
+    tree_sum,
+    tree_where,
+    value_and_grad_of,
+)
 
+__all__ = [
+    "HMCInfo",
+    "HMCState",
+    "hmc_init",
+    "hmc_step",
+    "hmc_step_from_value_and_grad",
+    "kinetic_energy",
+    "leapfrog",
+]
 
-class HMCState(NamedTuple):
-    """State of one HMC chain.
-
-    Attributes:
-      position: current point, ``[D]``.
-      log_density: log target density (up to a constant) at ``position``, scalar.
-      grad_log_density: its gradient at ``position``, ``[D]``.
-    """
-
-    position: Array
-    log_density: Array
-    grad_log_density: Array
+HMCState = MCMCState
+"""Alias of :class:`tda_jax.mcmc.state.MCMCState` (one state type for HMC and MALA)."""
 
 
 class HMCInfo(NamedTuple):
@@ -52,102 +65,65 @@ class HMCInfo(NamedTuple):
     energy_change: Array
 
 
-def check_position(position: Array, name: str = "position") -> None:
-    """Raises ``ValueError`` unless ``position`` is a flat floating-point vector ``[D]``."""
-    shape = jnp.shape(position)
-    if len(shape) != 1:
-        raise ValueError(
-            f"`{name}` must be a flat vector of shape [D] for a single chain, got shape {shape}. "
-            "Flatten the parameters (jax.flatten_util.ravel_pytree) and vmap over chains."
-        )
-    if not jnp.issubdtype(jnp.result_type(position), jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a floating dtype, got {jnp.result_type(position)}; "
-            "cast it with .astype(jnp.float32)."
-        )
-
-
-def value_and_grad_of(log_density_fn: LogDensityFn) -> ValueAndGradFn:
-    """Wraps ``log_density_fn: [D] -> scalar`` into ``position -> (log_density, grad)``.
-
-    Raises ``ValueError`` (at trace time) when the function does not return a scalar.
-    """
-
-    def value_and_grad_fn(position: Array) -> tuple[Array, Array]:
-        value, grad = jax.value_and_grad(_checked_scalar(log_density_fn))(position)
-        return value, grad
-
-    return value_and_grad_fn
-
-
-def _checked_scalar(log_density_fn: LogDensityFn) -> LogDensityFn:
-    def fn(position: Array) -> Array:
-        value = log_density_fn(position)
-        if jnp.shape(value) != ():
-            raise ValueError(
-                "`log_density_fn` must map one position [D] to a scalar, got output shape "
-                f"{jnp.shape(value)} for input shape {jnp.shape(position)}. Sum over data inside "
-                "the function and vmap over chains outside it."
-            )
-        return value
-
-    return fn
-
-
-def _raise_if_not_finite(log_density: Array, fn_name: str) -> None:
-    if isinstance(log_density, jax.core.Tracer):
-        return
-    if not bool(jnp.isfinite(log_density)):
-        raise ValueError(
-            f"`{fn_name}` is {float(log_density)} at the initial position; start the chain at a "
-            "point of finite log density."
-        )
-
-
-def hmc_init(position: Array, log_density_fn: LogDensityFn) -> HMCState:
-    """Builds the HMC state at ``position``.
+def hmc_init(position: PyTree, log_density_fn: LogDensityFn) -> MCMCState:
+    """Builds the HMC state at ``position`` (:func:`tda_jax.mcmc.state.mcmc_init`).
 
     Args:
-      position: initial point, ``[D]``.
-      log_density_fn: log target density up to a constant, ``[D] -> scalar``.
+      position: initial point, a pytree of floating arrays (e.g. ``[D]``).
+      log_density_fn: log target density up to a constant, ``position -> scalar``.
 
     Returns:
-      ``HMCState`` holding the position, its log density and gradient.
+      :class:`MCMCState` holding the position, its log density and gradient.
 
     Raises:
-      ValueError: on a non-flat position, a non-scalar log density, or (when called eagerly) a
-        non-finite log density at ``position``.
+      ValueError: on a position without leaves, a non-scalar log density, or (when called
+        eagerly) a non-finite log density at ``position``.
     """
-    check_position(position)
-    log_density, grad = value_and_grad_of(log_density_fn)(position)
-    _raise_if_not_finite(log_density, "log_density_fn")
-    return HMCState(position, log_density, grad)
+    return mcmc_init(position, log_density_fn)
+
+
+def kinetic_energy(momentum: PyTree, inverse_mass_diag: PyTree) -> Array:
+    """``0.5 * sum_i inverse_mass_i * p_i**2`` over all leaves; a scalar."""
+    return 0.5 * tree_sum(
+        jax.tree_util.tree_map(lambda m, p: m * p**2, inverse_mass_diag, momentum)
+    )
 
 
 def leapfrog(
     value_and_grad_fn: ValueAndGradFn,
-    position: Array,
-    momentum: Array,
+    position: PyTree,
+    momentum: PyTree,
     log_density: Array,
-    grad: Array,
+    grad: PyTree,
     step_size: Array,
     num_integration_steps: int | Array,
-    inverse_mass_diag: Array,
-) -> tuple[Array, Array, Array, Array]:
-    """Velocity-Verlet (leapfrog) integration of Hamilton's equations.
+    inverse_mass_diag: PyTree | Array | None = None,
+) -> tuple[PyTree, PyTree, Array, PyTree]:
+    """Velocity-Verlet (leapfrog) integration of Hamilton's equations, leaf-wise on pytrees.
 
     One gradient evaluation per step: the gradient at the end of a step is carried into the next.
+
+    Args:
+      value_and_grad_fn: ``position -> (log_density, grad)``.
+      position, momentum, grad: pytrees of the same structure and shapes.
+      log_density: scalar log density at ``position``.
+      step_size: scalar step size.
+      num_integration_steps: number of leapfrog steps.
+      inverse_mass_diag: None (identity), a scalar, or a pytree like ``position`` (see
+        :func:`tda_jax.mcmc.state.broadcast_inverse_mass`).
 
     Returns:
       ``(position, momentum, log_density, grad)`` at the end of the trajectory.
     """
+    inverse_mass = broadcast_inverse_mass(inverse_mass_diag, position)
+    tree_map = jax.tree_util.tree_map
 
     def one_step(_, carry):
         z, p, _, g = carry
-        p = p + 0.5 * step_size * g
-        z = z + step_size * inverse_mass_diag * p
+        p = tree_map(lambda pi, gi: pi + 0.5 * step_size * gi, p, g)
+        z = tree_map(lambda zi, mi, pi: zi + step_size * mi * pi, z, inverse_mass, p)
         ld, g = value_and_grad_fn(z)
-        p = p + 0.5 * step_size * g
+        p = tree_map(lambda pi, gi: pi + 0.5 * step_size * gi, p, g)
         return z, p, ld, g
 
     return jax.lax.fori_loop(0, num_integration_steps, one_step, (position, momentum, log_density, grad))
@@ -155,27 +131,21 @@ def leapfrog(
 
 def hmc_step_from_value_and_grad(
     key: Array,
-    state: HMCState,
+    state: MCMCState,
     value_and_grad_fn: ValueAndGradFn,
     step_size: float | Array,
     num_integration_steps: int | Array,
-    inverse_mass_diag: Array | None = None,
-) -> tuple[HMCState, HMCInfo]:
+    inverse_mass_diag: PyTree | Array | None = None,
+) -> tuple[MCMCState, HMCInfo]:
     """:func:`hmc_step` for a target given as ``position -> (log_density, grad)``."""
-    dtype = state.position.dtype
+    dtype = position_dtype(state.position)
     step_size = jnp.asarray(step_size, dtype)
-    if inverse_mass_diag is None:
-        inverse_mass_diag = jnp.ones((), dtype)
-    else:
-        inverse_mass_diag = jnp.asarray(inverse_mass_diag, dtype)
-        if inverse_mass_diag.shape not in ((), state.position.shape):
-            raise ValueError(
-                f"`inverse_mass_diag` must have shape {state.position.shape} (or be a scalar), "
-                f"got {inverse_mass_diag.shape}."
-            )
+    inverse_mass = broadcast_inverse_mass(inverse_mass_diag, state.position)
     key_momentum, key_accept = jax.random.split(key)
-    # Momentum p ~ N(0, M) with M = diag(1 / inverse_mass_diag).
-    momentum = jax.random.normal(key_momentum, state.position.shape, dtype) / jnp.sqrt(inverse_mass_diag)
+    # Momentum p ~ N(0, M) with M = diag(1 / inverse_mass_diag), leaf by leaf.
+    momentum = jax.tree_util.tree_map(
+        lambda n, m: n / jnp.sqrt(m), tree_normal(key_momentum, state.position), inverse_mass
+    )
     z, p, ld, g = leapfrog(
         value_and_grad_fn,
         state.position,
@@ -184,34 +154,32 @@ def hmc_step_from_value_and_grad(
         state.grad_log_density,
         step_size,
         num_integration_steps,
-        inverse_mass_diag,
+        inverse_mass,
     )
-
-    def kinetic(m):
-        return 0.5 * jnp.sum(inverse_mass_diag * m**2)
-
-    energy_change = (-ld + kinetic(p)) - (-state.log_density + kinetic(momentum))
+    energy_change = (-ld + kinetic_energy(p, inverse_mass)) - (
+        -state.log_density + kinetic_energy(momentum, inverse_mass)
+    )
     # A non-finite proposal (overflow, NaN density or gradient) is rejected, never accepted.
-    finite = jnp.isfinite(energy_change) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(z))
+    finite = jnp.isfinite(energy_change) & tree_all_finite(g) & tree_all_finite(z)
     log_accept = jnp.where(finite, jnp.minimum(0.0, -energy_change), -jnp.inf)
     acceptance_probability = jnp.exp(log_accept)
     is_accepted = jax.random.uniform(key_accept, (), dtype) < acceptance_probability
-    new_state = HMCState(
-        jnp.where(is_accepted, z, state.position),
+    new_state = MCMCState(
+        tree_where(is_accepted, z, state.position),
         jnp.where(is_accepted, ld, state.log_density),
-        jnp.where(is_accepted, g, state.grad_log_density),
+        tree_where(is_accepted, g, state.grad_log_density),
     )
     return new_state, HMCInfo(acceptance_probability, is_accepted, energy_change)
 
 
 def hmc_step(
     key: Array,
-    state: HMCState,
+    state: MCMCState,
     log_density_fn: LogDensityFn,
     step_size: float | Array,
     num_integration_steps: int | Array,
-    inverse_mass_diag: Array | None = None,
-) -> tuple[HMCState, HMCInfo]:
+    inverse_mass_diag: PyTree | Array | None = None,
+) -> tuple[MCMCState, HMCInfo]:
     """One HMC transition: fresh Gaussian momentum, leapfrog trajectory, Metropolis correction.
 
     Leaves ``exp(log_density_fn)`` invariant for any fixed ``step_size`` and
@@ -220,11 +188,12 @@ def hmc_step(
 
     Args:
       key: PRNG key.
-      state: current ``HMCState`` (from :func:`hmc_init` with the same ``log_density_fn``).
-      log_density_fn: log target density up to a constant, ``[D] -> scalar``.
+      state: current :class:`MCMCState` (from :func:`hmc_init` with the same ``log_density_fn``).
+      log_density_fn: log target density up to a constant, ``position -> scalar``.
       step_size: leapfrog step size (scalar, may be traced).
       num_integration_steps: number of leapfrog steps L (a Python int compiles a fixed-length loop).
-      inverse_mass_diag: diagonal of the inverse mass matrix, ``[D]`` or scalar; default identity.
+      inverse_mass_diag: diagonal of the inverse mass matrix: a pytree like the position (leaves
+        of the leaf's shape or scalars), or one scalar; default identity.
 
     Returns:
       ``(new_state, info)``.

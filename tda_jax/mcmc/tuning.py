@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from tda_jax.mcmc.ais import (
     JITTER,
@@ -25,8 +26,8 @@ from tda_jax.mcmc.ais import (
     check_kernel,
     mcmc_transition,
 )
-from tda_jax.mcmc.hmc import Array, value_and_grad_of
 from tda_jax.mcmc.schedules import check_schedule
+from tda_jax.mcmc.state import Array, value_and_grad_of
 
 LogDensityFn = Callable[[Array], Array]
 DEFAULT_TARGET_ACCEPTANCE = {"hmc": 0.65, "mala": 0.574}
@@ -215,64 +216,104 @@ def tune_step_size(
     return float(jnp.exp(log_step))
 
 
+def _as_partial(fn: Callable) -> Partial:
+    """``fn`` as a :class:`jax.tree_util.Partial` pytree (its bound arrays become traced inputs)."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "log_prior_fn",
-        "log_likelihood_fn",
-        "kernel",
-        "num_integration_steps",
-        "num_pilot_steps",
-        "step_size_jitter",
-    ),
+    static_argnames=("kernel", "num_integration_steps", "num_pilot_steps", "step_size_jitter"),
 )
 def _tune_anchors_jit(
-    key,
+    keys,
     init_positions,
     anchor_betas,
     log_step_size0,
     target,
-    *,
     log_prior_fn,
     log_likelihood_fn,
+    inputs,
+    *,
     kernel,
     num_integration_steps,
     num_pilot_steps,
     step_size_jitter,
 ):
-    def per_anchor(carry, xs):
-        positions, log_step = carry
-        beta, anchor_key = xs
+    """Dual-averaged log step sizes ``[M, num_anchors]`` for ``M`` independent tuning problems.
 
-        def value_and_grad_fn(z):
-            (value, _), grad = _tempered_value_and_grad(log_prior_fn, log_likelihood_fn, beta)(z)
-            return value, grad
+    ``keys [M]``, ``init_positions [M, C, D]``; ``inputs`` is None or a pytree with leaves
+    ``[M, ...]`` (problem ``m`` uses ``log_likelihood_fn(inputs[m], z)``). The callables are
+    ``Partial`` pytrees, so arrays bound into them are traced: new data or model parameters of the
+    same shapes reuse the compiled pilot.
+    """
 
-        # Chains continue from the previous anchor: a coarse annealing pilot whose first
-        # iterations act as burn-in at the new temperature.
-        log_step, positions = _dual_averaging_run(
-            anchor_key,
-            positions,
-            value_and_grad_fn,
-            log_step,
-            target,
-            num_pilot_steps,
-            num_integration_steps,
-            kernel,
-            step_size_jitter,
+    def per_problem(key, positions, problem_inputs):
+        log_lik = (
+            log_likelihood_fn
+            if problem_inputs is None
+            else functools.partial(log_likelihood_fn, problem_inputs)
         )
-        return (positions, log_step), log_step
 
-    keys = jax.random.split(key, anchor_betas.shape[0])
-    _, log_steps = jax.lax.scan(per_anchor, (init_positions, log_step_size0), (anchor_betas, keys))
-    return log_steps
+        def per_anchor(carry, xs):
+            positions, log_step = carry
+            beta, anchor_key = xs
+
+            def value_and_grad_fn(z):
+                (value, _), grad = _tempered_value_and_grad(log_prior_fn, log_lik, beta)(z)
+                return value, grad
+
+            # Chains continue from the previous anchor: a coarse annealing pilot whose first
+            # iterations act as burn-in at the new temperature.
+            log_step, positions = _dual_averaging_run(
+                anchor_key,
+                positions,
+                value_and_grad_fn,
+                log_step,
+                target,
+                num_pilot_steps,
+                num_integration_steps,
+                kernel,
+                step_size_jitter,
+            )
+            return (positions, log_step), log_step
+
+        anchor_keys = jax.random.split(key, anchor_betas.shape[0])
+        _, log_steps = jax.lax.scan(
+            per_anchor, (positions, log_step_size0), (anchor_betas, anchor_keys)
+        )
+        return log_steps
+
+    return jax.vmap(per_problem)(keys, init_positions, inputs)
+
+
+def _check_batched_positions(initial_positions: Array, inputs) -> int:
+    """Checks ``[M, C, D]`` positions against ``inputs`` leaves ``[M, ...]``; returns ``M``."""
+    shape = jnp.shape(initial_positions)
+    if len(shape) != 3:
+        raise ValueError(
+            "with `inputs`, `initial_positions` must have shape [num_problems, num_chains, D] "
+            f"(pilot chains for each problem), got {shape}."
+        )
+    if not jnp.issubdtype(jnp.result_type(initial_positions), jnp.floating):
+        raise TypeError(
+            f"`initial_positions` must have a floating dtype, got "
+            f"{jnp.result_type(initial_positions)}."
+        )
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != shape[0]:
+            raise ValueError(
+                f"every leaf of `inputs` must have a leading axis of size num_problems = {shape[0]} "
+                f"(that of `initial_positions` {shape}), got a leaf of shape {jnp.shape(leaf)}."
+            )
+    return shape[0]
 
 
 def tune_ais_step_sizes(
     key: Array,
     initial_positions: Array,
     log_prior_fn: LogDensityFn,
-    log_likelihood_fn: LogDensityFn,
+    log_likelihood_fn: Callable,
     betas: Array,
     num_anchors: int = 10,
     kernel: str = "hmc",
@@ -281,21 +322,31 @@ def tune_ais_step_sizes(
     num_pilot_steps: int = 100,
     initial_step_size: float = 0.1,
     step_size_jitter: float = JITTER,
+    inputs=None,
 ) -> Array:
     """Pilot-tunes one step size per annealing step; freeze the result for the real AIS run.
 
     Anchor temperatures are spaced evenly in ``log beta`` between the smallest positive beta of the
     schedule and 1 (where a peaked likelihood changes the posterior scale). Pilot chains start at
     ``initial_positions`` (prior samples) and visit the anchors in increasing order, each anchor
-    running ``num_pilot_steps`` dual-averaging transitions targeting
+    running ``num_pilot_steps`` dual-averaging transitions (Hoffman & Gelman, 2014) targeting
     ``pi_beta ∝ prior * likelihood ** beta`` from where the previous anchor left them. The tuned
     log step sizes are then interpolated linearly in ``log beta`` onto every ``beta_t``.
 
+    With ``inputs`` (e.g. a few data examples ``x [M, x_dim]``), ``M`` problems are tuned at once,
+    independently, problem ``m`` with likelihood ``z -> log_likelihood_fn(inputs[m], z)``, and
+    their log step sizes are averaged (the posterior scale may vary with the data). The data and
+    the callables are passed to the compiled pilot as traced arguments (a callable may be a
+    :class:`jax.tree_util.Partial` with bound arrays, e.g. model parameters), so a sweep over data
+    or models of the same shapes compiles once. :func:`tda_jax.mi.tune_mi_step_sizes` uses this.
+
     Args:
       key: PRNG key.
-      initial_positions: ``[C, D]`` prior samples for the pilot chains.
+      initial_positions: ``[C, D]`` prior samples for the pilot chains; with ``inputs``,
+        ``[M, C, D]`` (pilot chains of each problem).
       log_prior_fn: normalised log prior, ``[D] -> scalar``.
-      log_likelihood_fn: log likelihood, ``[D] -> scalar``.
+      log_likelihood_fn: log likelihood, ``[D] -> scalar``; with ``inputs``,
+        ``(inputs[m], z [D]) -> scalar``.
       betas: forward schedule ``[T + 1]`` (concrete).
       num_anchors: number of anchor temperatures (>= 2).
       kernel: ``"hmc"`` or ``"mala"``.
@@ -305,10 +356,15 @@ def tune_ais_step_sizes(
       initial_step_size: step size the first anchor starts from.
       step_size_jitter: relative jitter during the pilot; keep it equal to the AIS run's (default
         the same as :func:`tda_jax.mcmc.ais`).
+      inputs: None, or a pytree with leaves ``[M, ...]`` of per-problem data.
 
     Returns:
       ``step_sizes`` float ``[T]`` where ``step_sizes[t-1]`` is for ``beta_t``, as :func:`ais`
-      expects.
+      expects (dtype of ``initial_positions``).
+
+    Raises:
+      ValueError: on bad arguments, or when the pilot produced non-finite step sizes (NaN/inf in
+        the log densities).
     """
     target = _resolve_target(kernel, target_acceptance)
     _check_pilot(num_pilot_steps, initial_step_size)
@@ -317,24 +373,38 @@ def tune_ais_step_sizes(
         raise ValueError("`betas` must be concrete (call tune_ais_step_sizes outside jit).")
     if not isinstance(num_anchors, (int, np.integer)) or num_anchors < 2:
         raise ValueError(f"`num_anchors` must be an int >= 2, got {num_anchors!r}.")
-    check_initial_positions(initial_positions, log_prior_fn, log_likelihood_fn)
+    if inputs is None:
+        check_initial_positions(initial_positions, log_prior_fn, log_likelihood_fn)
+        keys = key[None]
+        batched_positions = initial_positions[None]
+    else:
+        num_problems = _check_batched_positions(initial_positions, inputs)
+        keys = jax.random.split(key, num_problems)
+        batched_positions = initial_positions
     b = np.asarray(betas, np.float64)
     smallest_positive = b[b > 0].min()
     anchors = np.geomspace(smallest_positive, 1.0, num_anchors)
     log_steps = _tune_anchors_jit(
-        key,
-        initial_positions,
+        keys,
+        batched_positions,
         jnp.asarray(anchors, jnp.float32),
         jnp.log(jnp.float32(initial_step_size)),
         jnp.float32(target),
-        log_prior_fn=log_prior_fn,
-        log_likelihood_fn=log_likelihood_fn,
+        _as_partial(log_prior_fn),
+        _as_partial(log_likelihood_fn),
+        inputs,
         kernel=kernel,
         num_integration_steps=num_integration_steps,
         num_pilot_steps=num_pilot_steps,
         step_size_jitter=float(step_size_jitter),
     )
+    log_steps = np.asarray(log_steps, np.float64)
+    if not np.all(np.isfinite(log_steps)):
+        raise ValueError(
+            "step-size tuning produced non-finite values; check `log_prior_fn` and "
+            "`log_likelihood_fn` for NaN/inf at the pilot chains' positions."
+        )
     log_b = np.log(np.maximum(b[1:], smallest_positive))
-    step_sizes = np.exp(np.interp(log_b, np.log(anchors), np.asarray(log_steps, np.float64)))
+    step_sizes = np.exp(np.interp(log_b, np.log(anchors), log_steps.mean(axis=0)))
     dtype = jnp.result_type(initial_positions)
     return broadcast_step_sizes(step_sizes, b.shape[0] - 1, dtype)

@@ -41,26 +41,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.tree_util import Partial
 
 from tda_jax.mcmc import (
     annealed_chain,
     broadcast_step_sizes,
     check_schedule,
-    dual_averaging_init,
-    dual_averaging_update,
-    hmc_init,
-    hmc_step,
     reverse_step_sizes,
+    tune_ais_step_sizes,
 )
+from tda_jax.mcmc.ais import JITTER
 from tda_jax.mi.bounds import (
     as_partial,
     check_finite,
     check_joint_samples,
     check_num_samples,
-    log_mean_exp,
 )
+from tda_jax.probability.weights import log_mean_exp
 
 Array = jax.Array
 LogLikelihoodFn = Callable[[Array, Array], Array]  # (x [x_dim], z [z_dim]) -> scalar
@@ -201,51 +198,11 @@ def multi_sample_ais_bounds(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_pilot_chains", "num_integration_steps", "num_pilot_steps")
-)
-def _tune_anchors(
-    key, x, anchors, log_step_size0, target, log_likelihood_fn, log_prior_fn, prior_sample_fn, *,
-    num_pilot_chains, num_integration_steps, num_pilot_steps,
-):
-    """Dual-averaged HMC log step sizes ``[M, num_anchors]`` for each example and anchor beta."""
-
-    def per_example(example_key, xi):
-        key_init, key_anchors = jax.random.split(example_key)
-        positions = jax.vmap(prior_sample_fn)(jax.random.split(key_init, num_pilot_chains))
-
-        def per_anchor(carry, xs):
-            positions, log_step = carry
-            beta, anchor_key = xs
-
-            def log_density(zz):
-                return log_prior_fn(zz) + beta * log_likelihood_fn(xi, zz)
-
-            states = jax.vmap(lambda zz: hmc_init(zz, log_density))(positions)
-            mu = jnp.log(10.0) + log_step
-
-            def pilot_step(inner, step_key):
-                states, da = inner
-                step_size = jnp.exp(da.log_step_size)
-                states, info = jax.vmap(
-                    lambda k, st: hmc_step(k, st, log_density, step_size, num_integration_steps)
-                )(jax.random.split(step_key, num_pilot_chains), states)
-                da = dual_averaging_update(da, jnp.mean(info.acceptance_probability), target, mu)
-                return (states, da), None
-
-            (states, da), _ = jax.lax.scan(
-                pilot_step,
-                (states, dual_averaging_init(log_step)),
-                jax.random.split(anchor_key, num_pilot_steps),
-            )
-            # Chains continue to the next (larger) beta: a coarse annealing pilot.
-            return (states.position, da.log_step_size_avg), da.log_step_size_avg
-
-        keys = jax.random.split(key_anchors, anchors.shape[0])
-        _, log_steps = jax.lax.scan(per_anchor, (positions, log_step_size0), (anchors, keys))
-        return log_steps
-
-    return jax.vmap(per_example)(jax.random.split(key, x.shape[0]), x)
+@functools.partial(jax.jit, static_argnames=("num_examples", "num_chains"))
+def _prior_samples(key, prior_sample_fn, *, num_examples, num_chains):
+    """``[num_examples, num_chains, z_dim]`` draws of ``prior_sample_fn`` (a traced Partial)."""
+    keys = jax.random.split(key, (num_examples, num_chains))
+    return jax.vmap(jax.vmap(prior_sample_fn))(keys)
 
 
 def tune_mi_step_sizes(
@@ -260,22 +217,25 @@ def tune_mi_step_sizes(
     num_anchors: int = 10,
     num_integration_steps: int = 10,
     num_pilot_steps: int = 100,
-    target_acceptance: float = 0.65,
+    target_acceptance: float | None = None,
     initial_step_size: float = 0.1,
+    kernel: str = "hmc",
+    step_size_jitter: float = JITTER,
 ) -> Array:
-    """Pilot-tunes one HMC step size per temperature on a few examples; freeze the result.
+    """Pilot-tunes one step size per temperature on a few examples; freeze the result.
 
-    The same recipe as :func:`tda_jax.mcmc.tune_ais_step_sizes` (dual averaging of Hoffman & Gelman
-    toward ``target_acceptance`` at anchor temperatures spaced evenly in ``log beta``, pilot chains
-    carried from anchor to anchor, log step sizes interpolated linearly in ``log beta``), but with the
-    examples ``x`` and any arrays bound into ``jax.tree_util.Partial`` callables passed as traced
-    arguments: a sweep over models of the same shapes compiles the pilot once. Examples are tuned
-    independently and their log step sizes averaged (the posterior scale may vary with ``x``).
+    A thin wrapper of :func:`tda_jax.mcmc.tune_ais_step_sizes` with the examples as its
+    ``inputs``: ``num_pilot_chains`` prior samples per example, each example tuned independently
+    (dual averaging toward ``target_acceptance`` at anchor temperatures spaced evenly in
+    ``log beta``, pilot chains carried from anchor to anchor) and the log step sizes averaged over
+    examples, then interpolated linearly in ``log beta``. The examples and any arrays bound into
+    ``jax.tree_util.Partial`` callables are traced arguments of the compiled pilot, so a sweep over
+    models of the same shapes compiles once.
 
     Args:
       key: PRNG key.
       x: ``[M, x_dim]`` a few examples to tune on.
-      log_likelihood_fn: ``log p(x|z)`` (or a critic) of one example.
+      log_likelihood_fn: ``log p(x|z)`` (or a critic) of one example, ``(x, z) -> scalar``.
       log_prior_fn: ``log p(z)``.
       betas: forward schedule ``[T + 1]`` (concrete).
       num_pilot_chains: pilot chains per example, started at prior samples.
@@ -284,11 +244,15 @@ def tune_mi_step_sizes(
       num_anchors: anchor temperatures (>= 2).
       num_integration_steps: leapfrog steps per HMC transition (as in the AIS run).
       num_pilot_steps: dual-averaging transitions per anchor.
-      target_acceptance: in ``(0, 1)``.
+      target_acceptance: in ``(0, 1)``; default 0.65 for HMC, 0.574 for MALA.
       initial_step_size: step size the first anchor starts from.
+      kernel: ``"hmc"`` or ``"mala"``, as in :func:`multi_sample_ais_bounds`.
+      step_size_jitter: relative step-size jitter during the pilot; the default equals the one
+        :func:`multi_sample_ais_bounds` runs with.
 
     Returns:
-      ``[T]`` step sizes for :func:`multi_sample_ais_bounds` (``step_sizes[t-1]`` for ``beta_t``).
+      ``[T]`` float32 step sizes for :func:`multi_sample_ais_bounds` (``step_sizes[t-1]`` for
+      ``beta_t``).
     """
     if jnp.ndim(x) != 2:
         raise ValueError(f"`x` must be [M, x_dim] (a few examples), got shape {jnp.shape(x)}.")
@@ -296,35 +260,29 @@ def tune_mi_step_sizes(
         if z_dim is None:
             raise ValueError("Pass `prior_sample_fn` or `z_dim` (for a standard normal prior).")
         prior_sample_fn = standard_normal_sampler(z_dim)
-    check_schedule(betas)
-    if isinstance(betas, jax.core.Tracer):
-        raise ValueError("`betas` must be concrete (call tune_mi_step_sizes outside jit).")
-    if not isinstance(num_anchors, int) or num_anchors < 2:
-        raise ValueError(f"`num_anchors` must be an int >= 2, got {num_anchors!r}.")
-    if not 0.0 < target_acceptance < 1.0:
-        raise ValueError(f"`target_acceptance` must lie in (0, 1), got {target_acceptance}.")
-    b = np.asarray(betas, np.float64)
-    smallest_positive = b[b > 0].min()
-    anchors = np.geomspace(smallest_positive, 1.0, num_anchors)
-    log_steps = _tune_anchors(
-        key,
-        jnp.asarray(x, jnp.float32),
-        jnp.asarray(anchors, jnp.float32),
-        jnp.log(jnp.float32(initial_step_size)),
-        jnp.float32(target_acceptance),
-        as_partial(log_likelihood_fn),
-        as_partial(log_prior_fn),
-        as_partial(prior_sample_fn),
-        num_pilot_chains=num_pilot_chains,
-        num_integration_steps=num_integration_steps,
-        num_pilot_steps=num_pilot_steps,
-    )
-    log_steps = np.asarray(log_steps, np.float64)
-    if not np.all(np.isfinite(log_steps)):
-        raise ValueError(
-            "step-size tuning produced non-finite values; check `log_likelihood_fn` for NaN/inf."
+    if isinstance(num_pilot_chains, bool) or not isinstance(num_pilot_chains, int):
+        raise TypeError(
+            f"`num_pilot_chains` must be a Python int, got {type(num_pilot_chains).__name__}."
         )
-    mean_log_steps = log_steps.mean(axis=0)
-    log_b = np.log(np.maximum(b[1:], smallest_positive))
-    step_sizes = np.exp(np.interp(log_b, np.log(anchors), mean_log_steps))
-    return jnp.asarray(step_sizes, jnp.float32)
+    if num_pilot_chains < 1:
+        raise ValueError(f"`num_pilot_chains` must be >= 1, got {num_pilot_chains}.")
+    key_init, key_tune = jax.random.split(key)
+    positions = _prior_samples(
+        key_init, as_partial(prior_sample_fn), num_examples=x.shape[0], num_chains=num_pilot_chains
+    )
+    step_sizes = tune_ais_step_sizes(
+        key_tune,
+        positions,
+        as_partial(log_prior_fn),
+        as_partial(log_likelihood_fn),
+        betas,
+        num_anchors=num_anchors,
+        kernel=kernel,
+        num_integration_steps=num_integration_steps,
+        target_acceptance=target_acceptance,
+        num_pilot_steps=num_pilot_steps,
+        initial_step_size=initial_step_size,
+        step_size_jitter=step_size_jitter,
+        inputs=jnp.asarray(x, jnp.float32),
+    )
+    return step_sizes.astype(jnp.float32)

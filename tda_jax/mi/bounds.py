@@ -40,6 +40,10 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+# One log-mean-exp for the whole library (exact -inf/+inf handling, NaN-free gradients); re-exported
+# as tda_jax.mi.log_mean_exp.
+from tda_jax.probability.weights import log_mean_exp
+
 Array = jax.Array
 LogLikelihoodFn = Callable[[Array, Array], Array]  # (x [x_dim], z [z_dim]) -> scalar
 LogPriorFn = Callable[[Array], Array]  # z [z_dim] -> scalar
@@ -102,11 +106,6 @@ def standard_normal_proposal(z_dim: int) -> Proposal:
     """The prior ``p(z) = N(0, I_{z_dim})`` as a proposal that ignores ``x``."""
     zeros = jnp.zeros((z_dim,), jnp.float32)
     return diagonal_gaussian_proposal(Partial(_zeros_mean_and_log_std, zeros))
-
-
-def log_mean_exp(values: Array, axis: int = -1) -> Array:
-    """``log mean exp`` along ``axis``, computed stably."""
-    return jax.nn.logsumexp(values, axis=axis) - math.log(values.shape[axis])
 
 
 def mean_and_stderr(values: Array) -> tuple[float, float]:

@@ -25,7 +25,6 @@ joint pairs and the off-diagonal entries stand in for ``p(x) p(z)`` (shuffled pa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 
 from tda_jax.mcmc import hmc_init, hmc_step
 from tda_jax.mi.bounds import check_finite, check_joint_samples
+from tda_jax.probability.weights import log_mean_exp
 
 Array = jax.Array
 CriticFn = Callable[[Array, Array], Array]
@@ -63,7 +63,7 @@ def mine_dv_lower(scores: Array) -> Array:
     biased (downward), so the estimate is not a strict bound at finite batch size.
     """
     joint, marginal = _joint_and_marginal(scores)
-    return jnp.mean(joint) - (jax.nn.logsumexp(marginal) - math.log(marginal.shape[0]))
+    return jnp.mean(joint) - log_mean_exp(marginal)
 
 
 def mine_f_lower(scores: Array) -> Array:

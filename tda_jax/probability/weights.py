@@ -82,9 +82,14 @@ def log_sum_exp(x: ArrayLike, axis: int | tuple[int, ...] | None = None) -> Arra
 
 
 def log_mean_exp(x: ArrayLike, axis: int | tuple[int, ...] | None = None) -> Array:
-    """``log(mean(exp(x)))``, robust to ``-inf`` entries (all ``-inf`` gives ``-inf``).
+    """``log(mean(exp(x)))``, exact for infinite entries and with NaN-free gradients.
 
-    This is the log of an importance-sampling estimate of a normalizing constant from log-weights.
+    The one log-mean-exp of the library: SMC, AIS (:mod:`tda_jax.mcmc`) and the MI bounds
+    (:mod:`tda_jax.mi`, which re-exports this object) all use it. It is the log of an
+    importance-sampling estimate of a normalizing constant from log-weights. Along the reduced
+    axes: all ``-inf`` gives ``-inf`` (zero weight, never NaN; its gradient is 0), any ``+inf``
+    gives ``+inf`` (even next to ``-inf``), ``-inf`` entries contribute nothing, large finite
+    values neither overflow nor underflow, and NaN gives NaN.
 
     Args:
       x: array of log-values, any shape, e.g. log-weights ``[num_particles]``.
