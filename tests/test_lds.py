@@ -224,3 +224,19 @@ def test_retrain_ground_truth_rejects_unequal_subsets():
         retrain_ground_truth(jax.random.key(0), MLP((2,), 2), train, train, masks,
                              seeds_per_subset=1, config=TrainConfig(num_epochs=1),
                              measurement=classification_margin)
+
+
+@pytest.mark.parametrize("bad_label", [3, -1])
+def test_retrain_ground_truth_rejects_out_of_range_labels(bad_label):
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, size=10).astype(np.int32)
+    targets[4] = bad_label
+    train = Dataset(rng.normal(size=(10, 2)).astype(np.float32), targets, 3)
+    good = Dataset(train.inputs, np.zeros(10, np.int32), 3)
+    masks = np.ones((1, 10), dtype=bool)
+    kwargs = dict(seeds_per_subset=1, config=TrainConfig(num_epochs=1),
+                  measurement=classification_margin)
+    with pytest.raises(ValueError, match=rf"train.targets .*row 4: {bad_label}"):
+        retrain_ground_truth(jax.random.key(0), MLP((2,), 3), train, good, masks, **kwargs)
+    with pytest.raises(ValueError, match=rf"queries.targets .*row 4: {bad_label}"):
+        retrain_ground_truth(jax.random.key(0), MLP((2,), 3), good, train, masks, **kwargs)

@@ -62,3 +62,20 @@ def test_examples_are_independent(model, shape):
     full = apply(params, x)
     rows = jnp.concatenate([apply(params, x[i:i + 1]) for i in range(shape[0])])
     np.testing.assert_allclose(full, rows, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_fn_of_bridges_module_and_attribution_convention():
+    from tda_jax.models import apply_fn_of, num_outputs_of
+
+    model = MLP(hidden_sizes=(4,), num_outputs=3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 6))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    apply_fn = apply_fn_of(model)
+    np.testing.assert_array_equal(apply_fn(variables["params"], x), model.apply(variables, x))
+    # Named and hashable: equal modules give equal callables, so cached compilations are reused.
+    assert apply_fn == apply_fn_of(MLP(hidden_sizes=(4,), num_outputs=3))
+    assert hash(apply_fn) == hash(apply_fn_of(MLP(hidden_sizes=(4,), num_outputs=3)))
+    assert apply_fn != apply_fn_of(MLP(hidden_sizes=(4,), num_outputs=2))
+    assert num_outputs_of(model, x[:1]) == 3
+    with pytest.raises(TypeError, match="flax.linen Module"):
+        apply_fn_of(lambda p, x: x)

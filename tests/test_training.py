@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tda_jax.data import Dataset, load_digits, make_synthetic_regression, subset
+from tda_jax.data import Dataset, batches_in_order, load_digits, make_synthetic_regression, subset
 from tda_jax.io import ArgumentMismatchError
+from tda_jax.losses import mean_squared_error, softmax_cross_entropy
 from tda_jax.models import MLP
+from tda_jax.optimization import run_steps
 from tda_jax.sharding import make_data_mesh
 from tda_jax.training import (
     TrainConfig,
@@ -25,6 +27,7 @@ from tda_jax.training import (
     train,
     train_many,
 )
+from tda_jax.training.step import jitted_train_step
 
 FAST = TrainConfig(num_epochs=2, batch_size=64, learning_rate=3e-3)
 
@@ -73,6 +76,37 @@ def test_config_validation():
         TrainConfig(loss="hinge")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(TypeError, match=r"softmax_cross_entropy\(\)"):
+        TrainConfig(loss=softmax_cross_entropy)  # the factory, uncalled
+
+
+def test_config_takes_loss_objects_and_resolves_names_once():
+    # One loss vocabulary: a config name resolves to the library's Loss object.
+    by_name, by_object = TrainConfig(loss="cross_entropy"), TrainConfig(loss=softmax_cross_entropy())
+    assert by_name == by_object and hash(by_name) == hash(by_object)
+    assert by_name.loss == softmax_cross_entropy()
+    assert TrainConfig(loss="mse").loss == mean_squared_error()
+    assert by_name.to_dict()["loss"] == "softmax_cross_entropy"
+    json.dumps(by_name.to_dict())  # saved beside checkpoints
+
+
+def test_run_steps_checks_once_per_chunk_and_names_the_step():
+    calls = []
+
+    def step(state, x):
+        return state + x, jnp.log(jnp.asarray(x, jnp.float32))  # log(0) = -inf at x == 0
+
+    def on_check(done, state):
+        calls.append((done, int(state)))
+
+    state, values = run_steps(step, 0, [1, 2, 3, 4, 5], num_steps=5, check_every=2, check_at=(3,),
+                              on_check=on_check)
+    assert state == 15 and values.shape == (5,)
+    np.testing.assert_allclose(values, np.log([1, 2, 3, 4, 5]), rtol=1e-6)
+    assert calls == [(2, 3), (3, 6), (4, 10), (5, 15)]
+    with pytest.raises(FloatingPointError, match=r"at step 12 \(here\)"):
+        run_steps(step, 0, [1, 1, 0, 1], num_steps=4, first_step=10, check_every=100,
+                  describe_step=lambda s: " (here)")
 
 
 def test_train_reduces_loss_and_learns_digits(digits):
@@ -177,8 +211,51 @@ def test_empty_or_mistyped_data_raises():
     with pytest.raises(ValueError, match="empty"):
         train(jax.random.PRNGKey(0), MLP((4,), 3), None, empty, FAST)
     regression, _ = make_synthetic_regression(num_train=8, num_test=1)
-    with pytest.raises(ValueError, match="cross_entropy"):
+    with pytest.raises(ValueError, match="float .*regression targets.*classification loss"):
         train(jax.random.PRNGKey(0), MLP((4,), 1), None, regression, FAST)
+    with pytest.raises(ValueError, match="float .*regression targets.*classification loss"):
+        train_many(jax.random.split(jax.random.PRNGKey(0), 1), MLP((4,), 1), regression,
+                   np.ones((1, 8), bool), FAST)
+
+
+@pytest.mark.parametrize("bad_label", [10, -1])
+def test_out_of_range_labels_raise_naming_rows(small_digits, bad_label):
+    targets = small_digits.targets.copy()
+    targets[[3, 150]] = bad_label
+    bad = Dataset(small_digits.inputs, targets, 10)
+    match = rf"outside \[0, 10\).*row 3: {bad_label}, row 150: {bad_label}"
+    with pytest.raises(ValueError, match=match):
+        train(jax.random.PRNGKey(0), MLP((4,), 10), None, bad, FAST)
+    with pytest.raises(ValueError, match=match):
+        train_many(jax.random.split(jax.random.PRNGKey(0), 2), MLP((4,), 10), bad,
+                   np.ones((2, 200), bool), FAST)
+
+
+def test_num_classes_must_match_model_outputs(small_digits):
+    with pytest.raises(ValueError, match=r"num_classes is 10 but .* has 7 outputs.*num_outputs=10"):
+        train(jax.random.PRNGKey(0), MLP((4,), 7), None, small_digits, FAST)
+    with pytest.raises(ValueError, match="has 7 outputs"):
+        train_many(jax.random.split(jax.random.PRNGKey(0), 1), MLP((4,), 7), small_digits,
+                   np.ones((1, 200), bool), FAST)
+
+
+def test_saved_data_order_replays_the_run_bitwise(small_digits, tmp_path):
+    # The data order saved beside the checkpoints is what TracIn and resumption read: replaying
+    # it from the initial checkpoint with the same step must give the final checkpoint exactly.
+    # (An order saved one epoch off, or read back shifted, fails here.)
+    model = MLP((8,), 10)
+    config = TrainConfig(num_epochs=3, batch_size=64, learning_rate=3e-3)
+    train(jax.random.PRNGKey(6), model, None, small_digits, config, checkpoint_steps=(0,),
+          checkpoint_dir=tmp_path)
+    order = load_data_order(tmp_path)
+    params = load_params(tmp_path, 0)
+    jitted = jitted_train_step(model, config)
+    opt_state = jitted.train_step.init_opt_state(params)
+    for epoch_order in order["epochs"]:
+        for batch in batches_in_order(small_digits, epoch_order, order["batch_size"]):
+            batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
+            params, opt_state, _ = jitted.step(params, opt_state, batch)
+    assert _max_diff(params, load_params(tmp_path)) == 0.0
 
 
 def test_checkpoints_save_resume_and_refuse_mismatch(small_digits, tmp_path):
@@ -211,7 +288,8 @@ def test_checkpoints_save_resume_and_refuse_mismatch(small_digits, tmp_path):
     (directory / "COMPLETE").unlink()
     resumed = train(key, model, None, small_digits, config, checkpoint_steps=(0, 5, 8),
                     checkpoint_dir=directory)
-    assert _max_diff(resumed, reference) < 1e-6
+    # Resuming (on the saved data order) equals the uninterrupted run bitwise.
+    assert _max_diff(resumed, reference) == 0.0
     assert saved_steps(directory) == [0, 5, 8, 12]
 
     with pytest.raises(ArgumentMismatchError, match="learning_rate"):

@@ -5,6 +5,8 @@ Usage::
     python -m experiments.lds.main --config=experiments/lds/configs/default.py[:tiny] --workdir=DIR
 """
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -18,6 +20,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value.get("fast_compile"):
+        # Tiny runs are dominated by compile time; XLA reads this before its first computation.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+        ).strip()
     run(_CONFIG.value, _WORKDIR.value)
 
 

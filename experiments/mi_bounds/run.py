@@ -24,7 +24,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,124 @@ def _fit_encoder(key, sample_joint_fn, x_dim, z_dim, x_mean, x_std, hidden, fit_
     return mi.diagonal_gaussian_proposal(Partial(encoder_fn, fit.params))
 
 
+class _Problem(NamedTuple):
+    """What every bound is evaluated on: joint samples, the model's likelihood and sampler, the
+    proposal and the standardization of ``x`` used by learned critics."""
+
+    x: Array
+    z: Array
+    log_likelihood_fn: Partial
+    sample_joint_fn: Partial
+    proposal: mi.Proposal
+    x_mean: Array
+    x_std: Array
+    critic_hidden: tuple
+    prior_sample_fn: Any
+
+
+def _variational_stage(keys, problem: _Problem, config, timer: _Timer) -> dict[str, Array]:
+    """Fits the GIWAE critic, then BA, IWAE lower/upper, InfoNCE and GIWAE on the samples."""
+    x_dim, z_dim = problem.x.shape[1], problem.z.shape[1]
+    giwae_module = mi.DecoderCritic(x_dim, problem.critic_hidden, init_log_precision=-5.0)
+    giwae_init = {
+        "critic": giwae_module.init(keys[3], jnp.zeros((x_dim,)), jnp.zeros((z_dim,))),
+        "alpha": jnp.zeros((), jnp.float32),
+    }
+    giwae_critic = _importance_critic(
+        mi.standardized_critic(giwae_module, problem.x_mean, problem.x_std), problem.proposal
+    )
+    with timer("giwae_train"):
+        giwae_fit = mi.fit_giwae_critic(
+            keys[4],
+            giwae_critic,
+            giwae_init,
+            problem.proposal,
+            mi.log_prior,
+            problem.sample_joint_fn,
+            config.giwae.num_samples,
+            num_steps=config.giwae.num_steps,
+            batch_size=config.giwae.batch_size,
+            learning_rate=config.giwae.learning_rate,
+        )
+    with timer("variational_eval"):
+        values = dict(
+            _variational_values(
+                keys[0], problem.x, problem.z, problem.log_likelihood_fn, problem.proposal,
+                Partial(giwae_critic, giwae_fit.params), problem.prior_sample_fn,
+                iwae_k=config.iwae_num_samples, infonce_k=config.infonce_num_samples,
+                giwae_k=config.giwae.num_samples,
+            )
+        )
+    for name, v in values.items():
+        check_finite(v, name)
+    return values
+
+
+def _ais_stage(keys, problem: _Problem, config, timer: _Timer, level, values, info) -> None:
+    """Multi-Sample AIS lower and upper bounds with the true likelihood."""
+    num_steps = ais_num_steps(config.ais, level)
+    ais_result, step_sizes = _ais_bounds(
+        keys[6], problem.x, problem.z, problem.log_likelihood_fn, problem.prior_sample_fn,
+        config.ais, timer, "ais", num_steps,
+    )
+    info["ais_num_steps"] = num_steps
+    values["ais_lower"] = ais_result.lower
+    values["ais_upper"] = ais_result.upper
+    info["ais_acceptance"] = float(jnp.mean(ais_result.acceptance))
+    info["ais_step_size_first_last"] = [float(step_sizes[0]), float(step_sizes[-1])]
+
+
+def _mine_dv_f_stage(keys, problem: _Problem, config, timer: _Timer, values) -> None:
+    """MINE-DV and MINE-F: a critic trained on each batch objective, evaluated on the samples."""
+    x_dim, z_dim = problem.x.shape[1], problem.z.shape[1]
+    mine_module = mi.DecoderCritic(x_dim, problem.critic_hidden, x_terms=True)
+    mine_critic = mi.standardized_critic(mine_module, problem.x_mean, problem.x_std)
+    mine_init = mine_module.init(keys[7], jnp.zeros((x_dim,)), jnp.zeros((z_dim,)))
+    for objective, estimator in (("dv", mi.mine_dv_lower), ("f", mi.mine_f_lower)):
+        with timer(f"mine_{objective}"):
+            fit = mi.fit_mine_critic(
+                keys[7],
+                mine_critic,
+                mine_init,
+                problem.sample_joint_fn,
+                objective=objective,
+                num_steps=config.mine.num_steps,
+                batch_size=config.mine.batch_size,
+                learning_rate=config.mine.learning_rate,
+            )
+            values[f"mine_{objective}"] = estimator(
+                _score_matrix(Partial(mine_critic, fit.params), problem.x, problem.z)
+            )
+
+
+def _mine_ais_stage(keys, problem: _Problem, config, timer: _Timer, values, info) -> None:
+    """MINE-AIS: an energy-based critic trained with HMC negatives, bounded by Multi-Sample AIS."""
+    x_dim, z_dim = problem.x.shape[1], problem.z.shape[1]
+    critic_module = mi.DecoderCritic(x_dim, problem.critic_hidden)
+    critic_fn = mi.standardized_critic(critic_module, problem.x_mean, problem.x_std)
+    init_critic = critic_module.init(keys[3], jnp.zeros((x_dim,)), jnp.zeros((z_dim,)))
+    with timer("mine_ais_train"):
+        fit, hmc_step = mi.fit_mine_ais_critic(
+            keys[8],
+            critic_fn,
+            init_critic,
+            mi.log_prior,
+            problem.sample_joint_fn,
+            num_steps=config.mine.num_steps,
+            batch_size=config.mine.batch_size,
+            learning_rate=config.mine.learning_rate,
+            num_hmc_steps=config.mine.num_hmc_steps,
+            num_integration_steps=config.mine.num_integration_steps,
+        )
+    mine_ais_result, _ = _ais_bounds(
+        keys[9], problem.x, problem.z, Partial(critic_fn, fit.params), problem.prior_sample_fn,
+        config.mine.ais, timer, "mine_ais_eval", ais_num_steps(config.mine.ais),
+    )
+    values["mine_ais"] = mine_ais_result.lower
+    info["mine_ais_training_hmc_step_size"] = hmc_step
+    info["mine_ais_forward_estimate"] = float(jnp.mean(mine_ais_result.upper))
+
+
 def _evaluate_all(
     key: Array,
     x: Array,
@@ -198,99 +316,20 @@ def _evaluate_all(
     timer: _Timer,
     level: float | None = None,
 ) -> tuple[dict[str, Array], dict[str, Any]]:
-    """Every bound on the joint samples ``(x, z)``; returns per-example values and diagnostics."""
-    x_dim, z_dim = x.shape[1], z.shape[1]
+    """Every bound on the joint samples ``(x, z)``; returns per-example values and diagnostics.
+
+    Stages, each with its own fixed key of ``split(key, 10)``: variational bounds (GIWAE critic
+    fitted first), Multi-Sample AIS, MINE-DV/F (if ``config.mine.run_dv_f``), MINE-AIS.
+    """
     keys = jax.random.split(key, 10)
-    prior_sample_fn = mi.standard_normal_sampler(z_dim)
+    problem = _Problem(x, z, log_likelihood_fn, sample_joint_fn, proposal, x_mean, x_std,
+                       tuple(critic_hidden), mi.standard_normal_sampler(z.shape[1]))
     info: dict[str, Any] = {"infonce_log_k": math.log(config.infonce_num_samples)}
-
-    critic_module = mi.DecoderCritic(x_dim, tuple(critic_hidden))
-    critic_fn = mi.standardized_critic(critic_module, x_mean, x_std)
-    init_critic = critic_module.init(keys[3], jnp.zeros((x_dim,)), jnp.zeros((z_dim,)))
-
-    giwae_module = mi.DecoderCritic(x_dim, tuple(critic_hidden), init_log_precision=-5.0)
-    giwae_init = {
-        "critic": giwae_module.init(keys[3], jnp.zeros((x_dim,)), jnp.zeros((z_dim,))),
-        "alpha": jnp.zeros((), jnp.float32),
-    }
-    giwae_critic = _importance_critic(
-        mi.standardized_critic(giwae_module, x_mean, x_std), proposal
-    )
-    with timer("giwae_train"):
-        giwae_fit = mi.fit_giwae_critic(
-            keys[4],
-            giwae_critic,
-            giwae_init,
-            proposal,
-            mi.log_prior,
-            sample_joint_fn,
-            config.giwae.num_samples,
-            num_steps=config.giwae.num_steps,
-            batch_size=config.giwae.batch_size,
-            learning_rate=config.giwae.learning_rate,
-        )
-    with timer("variational_eval"):
-        values = dict(
-            _variational_values(
-                keys[0], x, z, log_likelihood_fn, proposal,
-                Partial(giwae_critic, giwae_fit.params), prior_sample_fn,
-                iwae_k=config.iwae_num_samples, infonce_k=config.infonce_num_samples,
-                giwae_k=config.giwae.num_samples,
-            )
-        )
-    for name, v in values.items():
-        check_finite(v, name)
-
-    num_steps = ais_num_steps(config.ais, level)
-    ais_result, step_sizes = _ais_bounds(
-        keys[6], x, z, log_likelihood_fn, prior_sample_fn, config.ais, timer, "ais", num_steps
-    )
-    info["ais_num_steps"] = num_steps
-    values["ais_lower"] = ais_result.lower
-    values["ais_upper"] = ais_result.upper
-    info["ais_acceptance"] = float(jnp.mean(ais_result.acceptance))
-    info["ais_step_size_first_last"] = [float(step_sizes[0]), float(step_sizes[-1])]
-
+    values = _variational_stage(keys, problem, config, timer)
+    _ais_stage(keys, problem, config, timer, level, values, info)
     if config.mine.run_dv_f:
-        mine_module = mi.DecoderCritic(x_dim, tuple(critic_hidden), x_terms=True)
-        mine_critic = mi.standardized_critic(mine_module, x_mean, x_std)
-        mine_init = mine_module.init(keys[7], jnp.zeros((x_dim,)), jnp.zeros((z_dim,)))
-        for objective, estimator in (("dv", mi.mine_dv_lower), ("f", mi.mine_f_lower)):
-            with timer(f"mine_{objective}"):
-                fit = mi.fit_mine_critic(
-                    keys[7],
-                    mine_critic,
-                    mine_init,
-                    sample_joint_fn,
-                    objective=objective,
-                    num_steps=config.mine.num_steps,
-                    batch_size=config.mine.batch_size,
-                    learning_rate=config.mine.learning_rate,
-                )
-                values[f"mine_{objective}"] = estimator(
-                    _score_matrix(Partial(mine_critic, fit.params), x, z)
-                )
-
-    with timer("mine_ais_train"):
-        fit, hmc_step = mi.fit_mine_ais_critic(
-            keys[8],
-            critic_fn,
-            init_critic,
-            mi.log_prior,
-            sample_joint_fn,
-            num_steps=config.mine.num_steps,
-            batch_size=config.mine.batch_size,
-            learning_rate=config.mine.learning_rate,
-            num_hmc_steps=config.mine.num_hmc_steps,
-            num_integration_steps=config.mine.num_integration_steps,
-        )
-    mine_ais_result, _ = _ais_bounds(
-        keys[9], x, z, Partial(critic_fn, fit.params), prior_sample_fn, config.mine.ais, timer,
-        "mine_ais_eval", ais_num_steps(config.mine.ais),
-    )
-    values["mine_ais"] = mine_ais_result.lower
-    info["mine_ais_training_hmc_step_size"] = hmc_step
-    info["mine_ais_forward_estimate"] = float(jnp.mean(mine_ais_result.upper))
+        _mine_dv_f_stage(keys, problem, config, timer, values)
+    _mine_ais_stage(keys, problem, config, timer, values, info)
     return values, info
 
 

@@ -39,13 +39,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
 from tda_jax.io import Stage, fingerprint
-from tda_jax.progress import progress
-from tda_jax.training import make_train_one, subset_indices
+from tda_jax.losses import check_targets, target_kind_of
+from tda_jax.models import num_outputs_of
+from tda_jax.training import check_training_data, subset_indices, train_in_chunks
 
 Measurement = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -278,12 +278,12 @@ def retrain_ground_truth(
 ) -> np.ndarray:
     """Retrains a model on every subset with several seeds and measures the queries.
 
-    All ``num_subsets * seeds_per_subset`` models are trained as
-    :func:`tda_jax.training.train_many` trains them (the vmapped ``make_train_one``), in chunks of
-    ``models_per_chunk`` models that share one compiled program (the last chunk is padded so nothing
-    recompiles). Model ``m = s * seeds + j`` (subset ``s``, seed ``j``) uses
-    ``jax.random.split(key, num_models)[m]``, so results do not
-    depend on the chunk size.
+    All ``num_subsets * seeds_per_subset`` models are trained by the one retraining driver,
+    :func:`tda_jax.training.train_in_chunks` (as :func:`tda_jax.training.train_many` trains them),
+    in chunks of ``models_per_chunk`` models that share one compiled program (the last chunk is
+    padded so nothing recompiles); only the queries' measurements are kept. Model
+    ``m = s * seeds + j`` (subset ``s``, seed ``j``) uses ``jax.random.split(key, num_models)[m]``,
+    so results do not depend on the chunk size.
 
     With ``directory``, the work is a :class:`tda_jax.io.Stage`: each finished chunk is saved at
     once (an interrupted run resumes, losing at most one chunk), a finished stage is reused, and a
@@ -293,7 +293,8 @@ def retrain_ground_truth(
     Args:
       key: PRNG key for initialization and shuffling of the retrained models.
       model: a Flax linen module; ``model.apply(variables, inputs) -> outputs`` with the variables
-        that :func:`tda_jax.training.train_many` returns (the full ``model.init`` dict).
+        that :func:`tda_jax.training.train_many` returns (the full ``model.init`` dict; see
+        :mod:`tda_jax.models.apply` for the attribution side).
       train: the full training :class:`tda_jax.data.Dataset` (``N`` examples).
       queries: the query :class:`tda_jax.data.Dataset` (``Q`` examples).
       masks: ``[num_subsets, N]`` boolean masks of equal row sums (see :func:`sample_subsets`).
@@ -308,6 +309,11 @@ def retrain_ground_truth(
 
     Returns:
       ``[num_subsets, seeds_per_subset, Q]`` float32 measurements.
+
+    Raises:
+      ValueError: on unequal or mis-shaped masks, or training / query targets that do not suit
+        the loss, the measurement or the model (labels outside ``[0, C)``, naming the rows).
+      FloatingPointError: naming the first model with a non-finite loss or measurement.
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or masks.shape[1] != len(train.inputs):
@@ -325,6 +331,11 @@ def retrain_ground_truth(
             f"seeds_per_subset and models_per_chunk must be positive, got {seeds_per_subset} and "
             f"{models_per_chunk}"
         )
+    check_training_data(model, train, config.loss, name="train")
+    kind = target_kind_of(measurement)
+    if kind is not None:
+        num_outputs = num_outputs_of(model, np.asarray(queries.inputs[:1]))
+        check_targets(queries.targets, num_outputs, kind, role="queries.targets")
     num_subsets = masks.shape[0]
     num_models = num_subsets * seeds_per_subset
     chunk = min(models_per_chunk, num_models)
@@ -353,42 +364,13 @@ def retrain_ground_truth(
             return stage.load_arrays("ground_truth")["measurements"]
 
     start_time = time.perf_counter()
-    # One compiled program for every chunk: calling train_many per chunk would re-trace and
-    # re-compile each time, which costs more than training these small models.
-    indices = subset_indices(masks, masks.shape[1])
-    train_chunk = jax.jit(
-        jax.vmap(make_train_one(model, config, int(sizes[0])), in_axes=(0, 0, None, None))
-    )
-    measure_chunk = jax.jit(
-        jax.vmap(lambda params: measurement(model.apply(params, queries.inputs), queries.targets))
-    )
-    inputs, targets = jnp.asarray(train.inputs), jnp.asarray(train.targets)
-    results = []
-    starts = range(0, num_models, chunk)
-    for chunk_index, start in enumerate(progress(starts, desc="retraining (chunks)")):
-        name = f"chunk_{chunk_index:05d}"
-        if stage is not None and stage.has(name):
-            results.append(stage.load_arrays(name)["measurements"])
-            continue
-        # Pad the last chunk with repeats of its first model, so every chunk has the same shape.
-        index = np.arange(start, start + chunk)
-        valid = index < num_models
-        index = np.where(valid, index, start)
-        params, losses = train_chunk(
-            model_keys[index], jnp.asarray(indices[subset_of_model[index]]), inputs, targets
-        )
-        values = np.asarray(measure_chunk(params))[valid]
-        losses = np.asarray(losses)[valid]
-        if not (np.isfinite(values).all() and np.isfinite(losses).all()):
-            raise FloatingPointError(
-                f"retrained models {index[valid][0]}..{index[valid][-1]} had non-finite training "
-                "losses or measurements; lower the learning rate or check the data"
-            )
-        values = values.astype(np.float32)
-        if stage is not None:
-            stage.save_arrays(name, {"measurements": values})
-        results.append(values)
-    measurements = np.concatenate(results).reshape(num_subsets, seeds_per_subset, -1)
+    indices = subset_indices(masks, masks.shape[1])[subset_of_model]  # [num_models, subset size]
+    measure_chunk = jax.jit(jax.vmap(lambda params: {
+        "measurements": measurement(model.apply(params, queries.inputs), queries.targets)}))
+    values = train_in_chunks(model_keys, model, train, indices, config, models_per_chunk=chunk,
+                             summarize=measure_chunk, stage=stage,
+                             desc="retraining (chunks)")["measurements"]
+    measurements = values.astype(np.float32).reshape(num_subsets, seeds_per_subset, -1)
     if stage is not None:
         stage.save_arrays("ground_truth", {"measurements": measurements})
         (stage.path("timing.json")).write_text(

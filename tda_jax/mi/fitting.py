@@ -2,7 +2,9 @@
 
 Every loop draws a fresh batch from ``sample_joint_fn(key, batch_size) -> (x [B, x_dim],
 z [B, z_dim])`` at each step (a generative model can be sampled without limit), jits its step once,
-and runs Adam with a cosine-decayed learning rate under a progress bar. Callables may be given as
+and runs Adam with a cosine-decayed learning rate in the library's one optax loop
+(:mod:`tda_jax.optimization`: a progress bar, objective values checked for NaN/inf once per 100
+steps, never a host sync per step). Callables may be given as
 ``jax.tree_util.Partial(module_level_fn, arrays...)``: the bound arrays are then traced and the
 compiled step is reused across calls (e.g. across the models of a sweep).
 
@@ -39,7 +41,7 @@ from tda_jax.mi.mine import (
     mine_f_lower,
     sample_energy_posterior,
 )
-from tda_jax.progress import progress
+from tda_jax.optimization import gradient_step, run_steps
 
 Array = jax.Array
 Params = Any
@@ -69,13 +71,12 @@ def _check_loop(num_steps: int, batch_size: int) -> None:
 def _train_step(params, opt_state, key, extra, callables, *, objective, static, num_steps,
                 learning_rate):
     """One Adam ascent step on ``objective(params, key, extra, callables, static)``."""
-    optimizer = _optimizer(learning_rate, num_steps)
-    (value, aux), grads = jax.value_and_grad(
-        lambda p: objective(p, key, extra, callables, static), has_aux=True
-    )(params)
-    grads = jax.tree.map(jnp.negative, grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value, aux
+    ascend = gradient_step(lambda p, k, e, c: objective(p, k, e, c, static),
+                           _optimizer(learning_rate, num_steps), maximize=True, has_aux=True)
+    return ascend(params, opt_state, key, extra, callables)
+
+
+_RECORD_EVERY = 10  # the history keeps every 10th step's objective (and the last), NaN between
 
 
 def _run(key, params, objective, callables, static, num_steps, learning_rate, desc, extra=None,
@@ -84,21 +85,24 @@ def _run(key, params, objective, callables, static, num_steps, learning_rate, de
     objective, static settings and callables' structure."""
     opt_state = _optimizer(learning_rate, num_steps).init(params)
     callables = tuple(as_partial(fn) for fn in callables)
-    history = np.full(num_steps, np.nan, np.float32)
-    for i, step_key in enumerate(progress(jax.random.split(key, num_steps), desc=desc)):
+
+    def step(state, step_key):
+        params, opt_state, extra = state
         params, opt_state, value, aux = _train_step(
             params, opt_state, step_key, extra, callables, objective=objective, static=static,
             num_steps=num_steps, learning_rate=float(learning_rate),
         )
         if update_extra is not None:
             extra = update_extra(extra, aux)
-        if i % 10 == 0 or i == num_steps - 1:
-            history[i] = float(value)
-    if not np.isfinite(history[-1]):
-        raise FloatingPointError(
-            f"{desc}: the training objective became non-finite ({history[-1]}); lower the "
-            "learning rate."
-        )
+        return (params, opt_state, extra), value
+
+    (params, _, extra), values = run_steps(
+        step, (params, opt_state, extra), jax.random.split(key, num_steps), num_steps=num_steps,
+        desc=desc, what=f"{desc}: the training objective", hint="Lower the learning rate.",
+    )
+    steps = np.arange(num_steps)
+    recorded = (steps % _RECORD_EVERY == 0) | (steps == num_steps - 1)
+    history = np.where(recorded, values, np.nan).astype(np.float32)
     return FitResult(params, history), extra
 
 

@@ -23,7 +23,7 @@ import optax
 from jax.tree_util import Partial
 
 from tda_jax.mi.bounds import Proposal, diagonal_gaussian_proposal
-from tda_jax.progress import progress
+from tda_jax.optimization import gradient_step, run_steps
 
 Array = jax.Array
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -97,7 +97,8 @@ def train_vae(
     batch_size: int = 128,
     learning_rate: float = 2e-3,
 ) -> tuple[Any, np.ndarray]:
-    """Trains the VAE by maximizing the ELBO with Adam (cosine-decayed rate).
+    """Trains the VAE by maximizing the ELBO with Adam (cosine-decayed rate), in the library's one
+    optax loop (:mod:`tda_jax.optimization`).
 
     Args:
       key: PRNG key.
@@ -106,7 +107,12 @@ def train_vae(
       num_steps, batch_size, learning_rate: optimizer settings.
 
     Returns:
-      ``(params, elbo_history [num_steps])`` (mean ELBO per step, in nats per example).
+      ``(params, elbo_history [num_steps])``: the mean ELBO (nats per example) every 10 steps
+      and at the last step, NaN in between.
+
+    Raises:
+      FloatingPointError: naming the first step whose ELBO is non-finite (checked once per 100
+        steps by :func:`tda_jax.optimization.run_steps`).
     """
     data = jnp.asarray(data, jnp.float32)
     if data.ndim != 2 or data.shape[1] != module.x_dim:
@@ -122,26 +128,25 @@ def train_vae(
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.05))
     opt_state = optimizer.init(params)
 
-    @jax.jit
-    def step(params, opt_state, step_key):
+    def negative_elbo(params, step_key):
         key_batch, key_eps = jax.random.split(step_key)
         index = jax.random.choice(key_batch, data.shape[0], (batch_size,), replace=False)
-        batch = data[index]
         eps = jax.random.normal(key_eps, (batch_size, module.latent_dim), jnp.float32)
+        return -jnp.mean(module.apply(params, data[index], eps))
 
-        def loss(p):
-            return -jnp.mean(module.apply(p, batch, eps))
+    update = jax.jit(gradient_step(negative_elbo, optimizer))  # the library's one optax update
 
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, -value
+    def step(state, step_key):
+        params, opt_state, value, _ = update(*state, step_key)
+        return (params, opt_state), value
 
-    history = np.zeros(num_steps, np.float32)
-    for i, step_key in enumerate(progress(jax.random.split(key_train, num_steps), desc="train VAE")):
-        params, opt_state, elbo = step(params, opt_state, step_key)
-        history[i] = float(elbo) if i % 10 == 0 or i == num_steps - 1 else np.nan
-    if not np.isfinite(history[-1]):
-        raise FloatingPointError("VAE training diverged (non-finite ELBO); lower the learning rate.")
+    (params, _), negative = run_steps(
+        step, (params, opt_state), jax.random.split(key_train, num_steps), num_steps=num_steps,
+        desc="train VAE", what="the VAE's ELBO", hint="Lower the learning rate.",
+    )
+    steps = np.arange(num_steps)
+    history = np.where((steps % 10 == 0) | (steps == num_steps - 1), -negative, np.nan)
+    history = history.astype(np.float32)
     return params, history
 
 

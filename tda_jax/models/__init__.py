@@ -1,6 +1,10 @@
-"""Small Flax (linen) models built from standard layers, so attribution needs no model changes."""
+"""Small Flax (linen) models built from standard layers, so attribution needs no model changes.
 
+See :mod:`tda_jax.models.apply` for how a module relates to attribution's ``apply_fn(params, x)``.
+"""
+
+from tda_jax.models.apply import ModelApply, apply_fn_of, num_outputs_of
 from tda_jax.models.cnn import CNN1D, CNN2D
 from tda_jax.models.mlp import MLP
 
-__all__ = ["CNN1D", "CNN2D", "MLP"]
+__all__ = ["CNN1D", "CNN2D", "MLP", "ModelApply", "apply_fn_of", "num_outputs_of"]

@@ -7,7 +7,8 @@ from typing import Any
 
 import optax
 
-from tda_jax.training.losses import LOSSES
+from tda_jax.losses import Loss
+from tda_jax.training.losses import resolve_loss
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -23,7 +24,10 @@ class TrainConfig:
       weight_decay: decoupled weight decay (AdamW-style, applied to every parameter, biases too).
       optimizer: ``"adamw"`` (``optax.adamw``) or ``"sgd"`` (``optax.sgd`` with ``momentum``,
         after ``optax.add_decayed_weights``).
-      loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression, ``0.5 * ||f - y||^2``).
+      loss: a :class:`tda_jax.losses.Loss` (``softmax_cross_entropy()`` for classification,
+        ``mean_squared_error()`` for regression, ``0.5 * ||f - y||^2``). A config name
+        (``"cross_entropy"``, ``"mse"``) is resolved once with :func:`tda_jax.losses.get_loss`, so
+        ``config.loss`` is always a ``Loss``; ``to_dict`` records its ``name``.
       momentum: SGD momentum (ignored by AdamW); 0 for plain SGD.
     """
 
@@ -32,7 +36,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-3
     optimizer: str = "adamw"
-    loss: str = "cross_entropy"
+    loss: Loss | str = "cross_entropy"
     momentum: float = 0.0
 
     def __post_init__(self):
@@ -43,11 +47,13 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, "
                              f"got {self.optimizer!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        # Resolved once: everything downstream sees a Loss object.
+        object.__setattr__(self, "loss", resolve_loss(self.loss, "TrainConfig.loss"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-serialisable settings (the loss by its name), as saved beside checkpoints."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "loss": self.loss.name}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

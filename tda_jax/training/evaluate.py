@@ -10,19 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda_jax.data import Dataset, batch_iterator, num_examples
-from tda_jax.training.losses import correct_per_example, per_example_loss
+from tda_jax.losses import Loss
+from tda_jax.training.losses import correct_per_example, resolve_loss
 
 
-def evaluate(model: nn.Module, params: Any, dataset: Dataset, loss: str | None = None,
+def evaluate(model: nn.Module, params: Any, dataset: Dataset, loss: Loss | str | None = None,
              batch_size: int = 1024) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` with ``params`` over ``dataset``.
 
     Args:
       model: the Flax module.
-      params: its parameters.
+      params: its variables (``model.init``'s dict, as ``train`` returns them).
       dataset: the examples to evaluate on (must be non-empty).
-      loss: ``"cross_entropy"`` or ``"mse"``; by default cross-entropy for classification
-        (``dataset.num_classes`` set) and ``"mse"`` otherwise.
+      loss: a :class:`tda_jax.losses.Loss` (or its config name ``"cross_entropy"`` / ``"mse"``);
+        by default cross-entropy for classification (``dataset.num_classes`` set) and squared
+        error otherwise.
       batch_size: rows per jitted evaluation call.
 
     Returns:
@@ -33,7 +35,7 @@ def evaluate(model: nn.Module, params: Any, dataset: Dataset, loss: str | None =
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset (0 examples)")
     classification = dataset.num_classes is not None
-    loss_fn = per_example_loss(loss or ("cross_entropy" if classification else "mse"))
+    loss_fn = resolve_loss(loss or ("cross_entropy" if classification else "mse")).per_example
 
     @jax.jit
     def sums(params, batch):

@@ -1,11 +1,9 @@
-"""Per-example losses and masked reductions shared by training and evaluation.
+"""Masked reductions for training and evaluation, and the resolution of loss names.
 
-Conventions: losses are computed per example (shape ``[B]``) and reduced with a *masked mean*
-``sum_i mask_i * loss_i / sum_i mask_i`` so that padding rows (``mask == 0``) never count.
-
-* ``"cross_entropy"``: softmax cross-entropy with integer labels, ``-log softmax(z)[y]``.
-* ``"mse"``: half the squared error summed over outputs, ``0.5 * ||f(x) - y||^2`` (the negative
-  log-likelihood of a unit-variance Gaussian up to a constant, so its Fisher equals its GGN).
+The losses themselves are :class:`tda_jax.losses.Loss` objects (the one vocabulary shared with
+curvature and scores); this module only resolves config names with :func:`tda_jax.losses.get_loss`
+and reduces per-example values ``[B]`` with a *masked mean*
+``sum_i mask_i * loss_i / sum_i mask_i``, so that padding rows (``mask == 0``) never count.
 """
 
 from __future__ import annotations
@@ -15,24 +13,23 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from tda_jax.losses import get_loss, mean_squared_error, softmax_cross_entropy
+from tda_jax.losses import Loss, check_loss, get_loss, mean_squared_error, softmax_cross_entropy
 
 PerExampleLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
-LOSSES = ("cross_entropy", "mse")
-
-
-# The per-example losses are the library's own (tda_jax.losses), so training, curvature and scores
-# always agree on the definition.
+# Aliases of the library's per-example losses (tda_jax.losses), kept for existing callers.
 cross_entropy_per_example: PerExampleLoss = softmax_cross_entropy().per_example
 squared_error_per_example: PerExampleLoss = mean_squared_error().per_example
 
 
-def per_example_loss(name: str) -> PerExampleLoss:
-    """The per-example loss function called ``name`` (``"cross_entropy"`` or ``"mse"``)."""
-    if name not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
-    return get_loss(name).per_example
+def resolve_loss(loss: Loss | str, argument: str = "loss") -> Loss:
+    """``loss`` itself if it is a :class:`tda_jax.losses.Loss`; a config name through ``get_loss``."""
+    return get_loss(loss) if isinstance(loss, str) else check_loss(loss, argument)
+
+
+def per_example_loss(loss: Loss | str) -> PerExampleLoss:
+    """The per-example function ``(outputs [B, C], targets) -> [B]`` of ``loss`` (or its name)."""
+    return resolve_loss(loss).per_example
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

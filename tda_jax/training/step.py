@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import optax
 
+from tda_jax.optimization import gradient_step
 from tda_jax.training.config import TrainConfig, make_optimizer
-from tda_jax.training.losses import masked_mean, per_example_loss
+from tda_jax.training.losses import masked_mean
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -60,16 +61,17 @@ def epoch_key(shuffle_key: jax.Array, epoch: int | jax.Array) -> jax.Array:
 def make_train_step(model: nn.Module, config: TrainConfig) -> TrainStep:
     """Builds the training step for ``model`` under ``config``."""
     optimizer = make_optimizer(config)
-    loss_fn = per_example_loss(config.loss)
+    loss_fn = config.loss.per_example
 
     def batch_loss(params: Params, batch: Batch) -> jax.Array:
         outputs = model.apply(params, batch["inputs"])
         return masked_mean(loss_fn(outputs, batch["targets"]), batch["mask"])
 
+    update = gradient_step(batch_loss, optimizer)  # the library's one optax update
+
     def step(params: Params, opt_state: Any, batch: Batch):
-        loss, grads = jax.value_and_grad(batch_loss)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params, opt_state, loss, _ = update(params, opt_state, batch)
+        return params, opt_state, loss
 
     def init(init_key: jax.Array, example_inputs: jax.Array):
         params = model.init(init_key, example_inputs)

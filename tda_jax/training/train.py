@@ -1,10 +1,15 @@
-"""Training one model: a jitted optax step, a Python loop over padded batches, checkpoints."""
+"""Training one model: a jitted optax step, a Python loop over padded batches, checkpoints.
+
+Model convention (see :mod:`tda_jax.models.apply`): ``train`` takes the Flax ``nn.Module`` and
+returns its full variables (``model.init``'s dict, ``{"params": ...}``); attribution takes
+``apply_fn_of(model)`` with ``variables["params"]``.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import flax.linen as nn
@@ -12,37 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tda_jax.data import Dataset, batches_in_order, num_examples, shuffled_order
+from tda_jax.data import Dataset, batches_in_order, shuffled_order
 from tda_jax.io import Stage, fingerprint, write_json
-from tda_jax.progress import progress
+from tda_jax.optimization import run_steps
 from tda_jax.training.checkpoints import (
     DATA_ORDER_FILE,
     checkpoint_manager,
+    load_data_order,
     restore_checkpoint,
     save_checkpoint,
 )
+from tda_jax.training.checks import check_training_data
 from tda_jax.training.config import TrainConfig
 from tda_jax.training.step import epoch_key, jitted_train_step, split_training_key
 
 Params = Any
-
-
-def check_data_for_loss(data: Dataset, loss: str, name: str = "train_data") -> int:
-    """Checks that ``data`` suits ``loss`` and is non-empty; returns its number of examples."""
-    n = num_examples(data)
-    if n == 0:
-        raise ValueError(f"{name} is empty (0 examples); training needs at least one example.")
-    targets = np.asarray(data.targets)
-    if loss == "cross_entropy":
-        if data.num_classes is None or not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(
-                f"loss 'cross_entropy' needs integer class labels and num_classes; {name} has "
-                f"targets {targets.dtype} {targets.shape}, num_classes={data.num_classes}. "
-                "Use TrainConfig(loss='mse') for regression.")
-    elif not np.issubdtype(targets.dtype, np.floating):
-        raise ValueError(f"loss 'mse' needs float targets; {name}.targets is {targets.dtype}. "
-                         "Use TrainConfig(loss='cross_entropy') for classification.")
-    return n
 
 
 def key_data(key: jax.Array) -> np.ndarray:
@@ -51,16 +40,6 @@ def key_data(key: jax.Array) -> np.ndarray:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return np.asarray(key)
-
-
-def _raise_non_finite(losses: np.ndarray, first_step: int, steps_per_epoch: int) -> None:
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-        step = first_step + int(bad[0])
-        raise FloatingPointError(
-            f"training loss became non-finite ({losses[bad[0]]}) at step {step} (epoch "
-            f"{step // steps_per_epoch}, batch {step % steps_per_epoch} of that epoch). Lower the "
-            "learning rate, or check the data for NaN/inf values.")
 
 
 def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: Dataset,
@@ -90,14 +69,17 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
       the trained parameters.
 
     Raises:
-      FloatingPointError: if a batch loss becomes non-finite (names the step and epoch).
-      ValueError: on an empty dataset, targets unsuited to ``config.loss``, or checkpoint steps
-        out of range.
+      FloatingPointError: if a batch loss becomes non-finite (names the step and epoch; checked
+        once per epoch).
+      ValueError: on an empty dataset, targets unsuited to ``config.loss`` (float targets with a
+        class loss, labels outside ``[0, C)``, naming the rows), ``num_classes`` unequal to the
+        model's number of outputs, or checkpoint steps out of range.
     """
-    n = check_data_for_loss(train_data, config.loss)
+    n = check_training_data(model, train_data, config.loss)
     batch_size = int(config.batch_size)
     steps_per_epoch = -(-n // batch_size)
-    total_steps = int(config.num_epochs) * steps_per_epoch
+    num_epochs = int(config.num_epochs)
+    total_steps = num_epochs * steps_per_epoch
     save_at = sorted({int(s) for s in checkpoint_steps})
     if save_at and (save_at[0] < 0 or save_at[-1] > total_steps):
         raise ValueError(
@@ -112,13 +94,10 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
         params, opt_state = jitted.init(init_key, jnp.asarray(train_data.inputs[:1]))
     else:
         opt_state = jitted.train_step.init_opt_state(params)
-    step_fn = jitted.step
-
-    def order_of(epoch: int) -> np.ndarray:
-        return shuffled_order(epoch_key(shuffle_key, epoch), n)
 
     start = 0
     manager = None
+    orders = None  # [num_epochs, n] example positions, epoch by epoch
     if checkpoint_dir is not None:
         save_at = sorted(set(save_at) | {total_steps})
         stage = Stage(checkpoint_dir, {
@@ -132,36 +111,45 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
         manager = checkpoint_manager(checkpoint_dir)
         done = sorted(int(s) for s in manager.all_steps())
         if done:
+            # Resume on the saved data order: it is the record TracIn and replays read.
             start = done[-1]
             params, opt_state = restore_checkpoint(manager, start, params, opt_state)
+            orders = load_data_order(checkpoint_dir)["epochs"]
         else:
+            orders = np.stack([shuffled_order(epoch_key(shuffle_key, e), n)
+                               for e in range(num_epochs)]) if num_epochs else None
             write_json(stage.path(DATA_ORDER_FILE), {
                 "batch_size": batch_size, "num_examples": n, "steps_per_epoch": steps_per_epoch,
-                "epochs": [order_of(e).tolist() for e in range(int(config.num_epochs))]})
+                "epochs": [] if orders is None else orders.tolist()})
         if start == 0 and 0 in save_at and 0 not in done:
             save_checkpoint(manager, 0, params, opt_state)
 
+    def order_of(epoch: int) -> np.ndarray:
+        return orders[epoch] if orders is not None else shuffled_order(
+            epoch_key(shuffle_key, epoch), n)
+
+    first_epoch, skip = divmod(start, steps_per_epoch)
+    batches = islice(chain.from_iterable(
+        batches_in_order(train_data, order_of(e), batch_size)
+        for e in range(first_epoch, num_epochs)), skip, None)
+    step_fn = jitted.step
+
+    def step(state, batch):
+        params, opt_state, loss = step_fn(*state, {k: batch[k] for k in ("inputs", "targets",
+                                                                          "mask")})
+        return (params, opt_state), loss
+
+    def on_check(num_updates: int, state) -> None:
+        if manager is not None and num_updates in save_at:
+            save_checkpoint(manager, num_updates, *state)
+
     try:
-        bar = iter(progress(range(start, total_steps), desc="train", total=total_steps - start))
-        step = start
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            # Run until the end of the epoch or the next checkpoint, then check the losses once
-            # (checking every step would synchronize host and device each step).
-            stop = min((epoch + 1) * steps_per_epoch,
-                       next((s for s in save_at if s > step), total_steps))
-            batches = islice(batches_in_order(train_data, order_of(epoch), batch_size),
-                             first, first + stop - step)
-            losses = []
-            for batch in batches:
-                batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
-                params, opt_state, loss = step_fn(params, opt_state, batch)
-                losses.append(loss)
-                next(bar, None)
-            _raise_non_finite(np.asarray(jnp.stack(losses)), step, steps_per_epoch)
-            step = stop
-            if manager is not None and step in save_at:
-                save_checkpoint(manager, step, params, opt_state)
+        # Losses are checked once per epoch and at each checkpoint (never per step).
+        (params, opt_state), _ = run_steps(
+            step, (params, opt_state), batches, num_steps=total_steps - start, first_step=start,
+            check_every=steps_per_epoch, check_at=save_at, on_check=on_check, desc="train",
+            describe_step=lambda s: (f" (epoch {s // steps_per_epoch}, batch "
+                                     f"{s % steps_per_epoch} of that epoch)"))
         if manager is not None:
             stage.mark_complete()
     finally:

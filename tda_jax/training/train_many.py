@@ -6,11 +6,16 @@ whole run (initialization, per-epoch shuffles, every optimizer step) is one ``la
 computation is the one of :func:`tda_jax.training.train` on ``subset(train_data, masks[m])`` with
 ``keys[m]`` (same key convention, same step function), so the results agree with sequential
 training up to floating-point reassociation.
+
+:func:`train_in_chunks` is the one retraining driver: :func:`train_many` (which returns the stacked
+parameters) and :func:`tda_jax.evaluation.retrain_ground_truth` (which keeps one measurement per
+model, chunk by chunk in a resumable stage) both call it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,11 +25,12 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from tda_jax.data import Dataset
+from tda_jax.io import Stage
 from tda_jax.progress import progress
 from tda_jax.sharding import DATA_AXIS
+from tda_jax.training.checks import check_training_data
 from tda_jax.training.config import TrainConfig
 from tda_jax.training.step import epoch_key, make_train_step, split_training_key
-from tda_jax.training.train import check_data_for_loss
 
 Params = Any
 
@@ -120,13 +126,108 @@ def _jitted_train_chunk(model: nn.Module, config: TrainConfig, subset_size: int,
     return _cached_train_chunk(model, config, subset_size, mesh)
 
 
+def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indices: np.ndarray,
+                    config: TrainConfig, *, models_per_chunk: int = 50, mesh: Mesh | None = None,
+                    summarize: Callable[[Params], Mapping[str, jax.Array]] | None = None,
+                    stage: Stage | None = None, desc: str = "train_many") -> Any:
+    """Trains ``M`` models, model ``m`` on rows ``indices[m]`` with ``keys[m]``, chunk by chunk.
+
+    Every chunk of ``models_per_chunk`` models (rounded up to a multiple of the mesh size; the last
+    chunk padded with repeats of its first model) is one call of the same compiled vmapped program
+    (:func:`make_train_one`), so nothing recompiles. Each chunk's losses are checked once, on the
+    host, after the chunk.
+
+    Args:
+      keys: ``[M, 2]`` legacy uint32 keys or ``[M]`` typed keys.
+      model: the Flax module.
+      train_data: the full training set ``[N, ...]`` (checked with
+        :func:`tda_jax.training.checks.check_training_data`).
+      indices: ``[M, k]`` training rows of each model (:func:`subset_indices`).
+      config: training settings.
+      models_per_chunk: models per compiled call (bounds memory).
+      mesh: optional 1-D ``"data"`` mesh; a chunk's models are split over its devices.
+      summarize: optional jitted ``summarize(stacked_params) -> {name: [chunk, ...]}``; the driver
+        then keeps only these arrays (e.g. query measurements) instead of the parameters and checks
+        that they are finite.
+      stage: optional :class:`tda_jax.io.Stage` (needs ``summarize``): chunk ``i`` is saved as
+        ``chunk_{i:05d}`` as soon as it is done and loaded instead of retrained on a rerun.
+      desc: progress bar label.
+
+    Returns:
+      the ``summarize`` arrays (or the parameters) of all models, numpy, leading axis ``M``.
+
+    Raises:
+      FloatingPointError: naming the model, step and epoch of the first non-finite loss, or the
+        model whose summary is non-finite.
+    """
+    n = check_training_data(model, train_data, config.loss)
+    keys = jnp.asarray(keys)
+    indices = np.asarray(indices, dtype=np.int32)
+    num_models = keys.shape[0]
+    if indices.ndim != 2 or indices.shape[0] != num_models:
+        raise ValueError(f"keys has {num_models} rows but indices has shape {indices.shape}; give "
+                         "one key and one row of training indices per model.")
+    if num_models == 0:
+        raise ValueError("training needs at least one model (got 0 keys)")
+    if int(models_per_chunk) < 1:
+        raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}")
+    if stage is not None and summarize is None:
+        raise ValueError("a stage saves per-chunk summaries; pass summarize as well")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise ValueError(f"indices must lie in [0, {n}), got [{indices.min()}, {indices.max()}]")
+    subset_size = indices.shape[1]
+    chunk = min(int(models_per_chunk), num_models)
+    if mesh is not None:
+        if tuple(mesh.axis_names) != (DATA_AXIS,):
+            raise ValueError(f"mesh must have the single axis {DATA_AXIS!r} "
+                             f"(tda_jax.sharding.make_data_mesh), got axes {mesh.axis_names}")
+        chunk = -(-chunk // mesh.size) * mesh.size
+    steps_per_epoch = -(-subset_size // int(config.batch_size))
+
+    train_chunk = _jitted_train_chunk(model, config, subset_size, mesh)
+    inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
+    outputs = []
+    starts = range(0, num_models, chunk)
+    for chunk_index, begin in enumerate(progress(starts, desc=desc, total=len(starts))):
+        name = f"chunk_{chunk_index:05d}"
+        if stage is not None and stage.has(name):
+            outputs.append(stage.load_arrays(name))
+            continue
+        take = np.arange(begin, begin + chunk)
+        take = np.where(take < num_models, take, begin)  # pad the chunk with its first model
+        params, losses = train_chunk(keys[take], jnp.asarray(indices[take]), inputs, targets)
+        real = min(chunk, num_models - begin)
+        losses = np.asarray(losses)[:real].reshape(real, -1)  # the chunk's one host sync
+        finite = np.isfinite(losses)
+        if not finite.all():
+            m, s = np.argwhere(~finite)[0]
+            raise FloatingPointError(
+                f"training loss of model {begin + m} became non-finite ({losses[m, s]}) at step "
+                f"{s} (epoch {s // steps_per_epoch}, batch {s % steps_per_epoch}). Lower the "
+                "learning rate, or check the data for NaN/inf values.")
+        if summarize is None:
+            outputs.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real], params))
+            continue
+        values = {k: np.asarray(v)[:real] for k, v in summarize(params).items()}
+        for key_name, value in values.items():
+            bad = ~np.isfinite(value.reshape(real, -1)).all(axis=1)
+            if bad.any():
+                raise FloatingPointError(
+                    f"{key_name} of trained model {begin + int(np.argmax(bad))} is non-finite; "
+                    "lower the learning rate or check the data.")
+        if stage is not None:
+            stage.save_arrays(name, values)
+        outputs.append(values)
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *outputs)
+
+
 def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np.ndarray,
                config: TrainConfig, models_per_chunk: int = 50,
                mesh: Mesh | None = None) -> Params:
     """Trains ``M`` models at once: model ``m`` on ``subset(train_data, masks[m])``, ``keys[m]``.
 
     Models are processed in chunks of ``models_per_chunk`` (the last chunk is padded so the program
-    compiles once) to bound memory, with a progress bar over chunks.
+    compiles once) to bound memory, with a progress bar over chunks (:func:`train_in_chunks`).
 
     Args:
       keys: ``[M, 2]`` legacy uint32 keys or ``[M]`` typed keys, one per model.
@@ -142,49 +243,20 @@ def train_many(keys: jax.Array, model: nn.Module, train_data: Dataset, masks: np
         Results do not depend on the mesh.
 
     Returns:
-      stacked parameters: every leaf has a leading axis ``M``.
+      stacked variables (``model.init``'s dict): every leaf has a leading axis ``M``.
 
     Raises:
-      ValueError: on mismatched shapes, unequal subset sizes, or data unsuited to ``config.loss``.
+      ValueError: on mismatched shapes, unequal subset sizes, or data unsuited to ``config.loss``
+        or to the model (labels outside ``[0, C)``, naming the rows; ``num_classes`` unequal to
+        the model's number of outputs).
       FloatingPointError: if some model's loss becomes non-finite (names the model, step, epoch).
     """
-    n = check_data_for_loss(train_data, config.loss)
+    n = check_training_data(model, train_data, config.loss)
     keys = jnp.asarray(keys)
-    num_models = keys.shape[0]
     indices = subset_indices(masks, n)
-    if indices.shape[0] != num_models:
-        raise ValueError(f"keys has {num_models} rows but masks has {indices.shape[0]}; give one "
-                         "key per model.")
-    if num_models == 0:
-        raise ValueError("train_many needs at least one model (got 0 keys)")
-    if models_per_chunk < 1:
-        raise ValueError(f"models_per_chunk must be >= 1, got {models_per_chunk}")
-    subset_size = indices.shape[1]
-    chunk = min(int(models_per_chunk), num_models)
-    if mesh is not None:
-        if tuple(mesh.axis_names) != (DATA_AXIS,):
-            raise ValueError(f"mesh must have the single axis {DATA_AXIS!r} "
-                             f"(tda_jax.sharding.make_data_mesh), got axes {mesh.axis_names}")
-        chunk = -(-chunk // mesh.size) * mesh.size
-    steps_per_epoch = -(-subset_size // int(config.batch_size))
-
-    train_chunk = _jitted_train_chunk(model, config, subset_size, mesh)
-    inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
-
-    outputs = []
-    for begin in progress(range(0, num_models, chunk), desc="train_many",
-                          total=-(-num_models // chunk)):
-        take = np.arange(begin, begin + chunk)
-        take = np.where(take < num_models, take, begin)  # pad the chunk with its first model
-        params, losses = train_chunk(keys[take], jnp.asarray(indices[take]), inputs, targets)
-        real = min(chunk, num_models - begin)
-        losses = np.asarray(losses)[:real].reshape(real, -1)
-        finite = np.isfinite(losses)
-        if not finite.all():
-            m, s = np.argwhere(~finite)[0]
-            raise FloatingPointError(
-                f"training loss of model {begin + m} became non-finite ({losses[m, s]}) at step "
-                f"{s} (epoch {s // steps_per_epoch}, batch {s % steps_per_epoch}). Lower the "
-                "learning rate, or check the data for NaN/inf values.")
-        outputs.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real], params))
-    return jax.tree.map(lambda *leaves: jnp.asarray(np.concatenate(leaves)), *outputs)
+    if indices.shape[0] != keys.shape[0]:
+        raise ValueError(f"keys has {keys.shape[0]} rows but masks has {indices.shape[0]}; give "
+                         "one key per model.")
+    stacked = train_in_chunks(keys, model, train_data, indices, config,
+                              models_per_chunk=models_per_chunk, mesh=mesh)
+    return jax.tree.map(jnp.asarray, stacked)
