@@ -54,6 +54,14 @@ MUTATIONS = (
     Mutation("positions_reversed_in_factored_scores", "tda_jax/attribution/influence.py",
              '    return jnp.einsum("btqo,bto->qb", rotated, g)',
              '    return jnp.einsum("btqo,bto->qb", rotated, g[:, ::-1])', ORACLES),
+    Mutation("csmc_sorted_multinomial_resampling", "tda_jax/probability/csmc.py",
+             "    return jax.random.categorical(key, logits, shape=(num_samples,)).astype(jnp.int32)",
+             "    return jnp.sort(jax.random.categorical(key, logits, shape=(num_samples,))"
+             ".astype(jnp.int32))", ("tests/test_smc.py",)),
+    Mutation("saved_data_order_shifted_by_one_epoch", "tda_jax/training/train.py",
+             '"epochs": [] if orders is None else orders.tolist()})',
+             '"epochs": [] if orders is None else np.roll(orders, 1, axis=0).tolist()})',
+             ("tests/test_training.py",)),
 )
 
 
