@@ -66,19 +66,7 @@ class HMCInfo(NamedTuple):
 
 
 def hmc_init(position: PyTree, log_density_fn: LogDensityFn) -> MCMCState:
-    """Builds the HMC state at ``position`` (:func:`tda_jax.mcmc.state.mcmc_init`).
-
-    Args:
-      position: initial point, a pytree of floating arrays (e.g. ``[D]``).
-      log_density_fn: log target density up to a constant, ``position -> scalar``.
-
-    Returns:
-      :class:`MCMCState` holding the position, its log density and gradient.
-
-    Raises:
-      ValueError: on a position without leaves, a non-scalar log density, or (when called
-        eagerly) a non-finite log density at ``position``.
-    """
+    """The HMC chain state at ``position``: see :func:`tda_jax.mcmc.state.mcmc_init`."""
     return mcmc_init(position, log_density_fn)
 
 

@@ -56,8 +56,7 @@ class MALAInfo(NamedTuple):
 
 
 def mala_init(position: PyTree, log_density_fn: LogDensityFn) -> MCMCState:
-    """Builds the MALA state at ``position`` (any pytree of floating arrays); see
-    :func:`tda_jax.mcmc.state.mcmc_init`."""
+    """The MALA chain state at ``position``: see :func:`tda_jax.mcmc.state.mcmc_init`."""
     return mcmc_init(position, log_density_fn)
 
 
