@@ -45,8 +45,10 @@ MUTATIONS = (
              '"G": jnp.einsum("kbto,kbtp->op", g, g)}',
              '"G": jnp.einsum("kbto,kbtp->op", g, g) / g.shape[2]}', ORACLES),
     Mutation("squares_per_position_in_diagonal_and_lambda", "tda_jax/curvature/blocks/base.py",
-             '    grads = jnp.einsum("bti,kbto->kbio", a, g)\n    return jnp.sum(jnp.square(grads), axis=(0, 1))',
-             '    grads = jnp.einsum("bti,kbto->kbtio", a, g)\n    return jnp.sum(jnp.square(grads), axis=(0, 1, 2))',
+             '    grads = jnp.einsum("bti,kbto->kbio", a, g)\n'
+             '    return jnp.sum(jnp.square(grads), axis=(0, 1))',
+             '    grads = jnp.einsum("bti,kbto->kbtio", a, g)\n'
+             '    return jnp.sum(jnp.square(grads), axis=(0, 1, 2))',
              ORACLES),
     Mutation("self_influence_times_4_with_positions", "tda_jax/curvature/blocks/base.py",
              '    return jnp.einsum("bio,io->b", jnp.square(grads), weights)',
