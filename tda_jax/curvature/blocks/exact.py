@@ -70,7 +70,9 @@ class ExactBlock(CurvatureBlock):
         return {"F": jac.T @ jac}
 
     def finalize(self, pass_name, specs, stats, count, factors, damping, eigh_dtype):
-        dense = np.asarray(stats["F"], dtype=eigh_dtype) / count
+        # P x P can be gigabytes: take the statistic out of ``stats`` so it is freed, work in place.
+        dense = np.array(stats.pop("F"), dtype=eigh_dtype)
+        dense /= count
         trace_mean = float(np.trace(dense)) / dense.shape[0]
         largest_diagonal = float(np.max(np.diag(dense)))
         used = default_damping(trace_mean, damping)
@@ -85,8 +87,10 @@ class ExactBlock(CurvatureBlock):
                 f"exact curvature: F + damping is singular (damping {used:.3g}, smallest Cholesky "
                 f"pivot {smallest_pivot:.3g}, largest diagonal {largest_diagonal:.3g}); e.g. constant "
                 "input features give zero eigenvalues. Use damping > 0 or damping=None.")
-        return {"cholesky": jnp.asarray(cholesky.astype(np.float32)), "damping": jnp.float32(used),
-                "trace_mean": jnp.float32(trace_mean)}
+        del dense
+        lower = jnp.asarray(cholesky, dtype=jnp.float32)
+        del cholesky
+        return {"cholesky": lower, "damping": jnp.float32(used), "trace_mean": jnp.float32(trace_mean)}
 
     def _solve(self, factors, flat):
         return jax.scipy.linalg.cho_solve((factors["cholesky"], True), flat.T).T
