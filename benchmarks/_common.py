@@ -19,3 +19,39 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now (``VmRSS``) in MB, or -1 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return -1.0
+
+
+def reset_peak_rss() -> bool:
+    """Restarts ``VmHWM`` at the current RSS (Linux >= 4.0, ``clear_refs`` value 5).
+
+    Lets one process measure the peak of one phase (e.g. scoring after the factors are fitted).
+    Returns False where the kernel refuses, in which case :func:`peak_rss_mb` keeps the whole
+    process's peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), or [] where unavailable."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return []

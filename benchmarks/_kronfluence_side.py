@@ -22,6 +22,10 @@ What is computed (kronfluence 1.0.1 semantics, read from its documentation and s
 Timings are wall-clock seconds of each call, including kronfluence's own saving of factors and
 scores to ``--workdir`` (that is how its pipeline works). The first repeat is a warm-up and is
 reported separately.
+
+``--mode memory`` fits the factors once, restarts the process's peak-RSS counter
+(:func:`_common.reset_peak_rss`) and scores the problem's queries once: the reported peak is the
+query-side (scoring) peak, measured in this fresh process only.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import peak_rss_mb  # benchmarks/ is on sys.path when run as a script
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    current_rss_mb,
+    peak_rss_mb,
+    reset_peak_rss,
+)
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
@@ -103,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", required=True, help=".npz to write scores and timings to")
     parser.add_argument("--workdir", required=True, help="kronfluence's output_dir (scratch)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=("timing", "memory"), default="timing",
+                        help="timing: repeats of fit + scores; memory: one fit, then the peak RSS "
+                             "of one scoring call")
     args = parser.parse_args(argv)
 
     logging.disable(logging.WARNING)
@@ -131,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     score_args = ScoreArguments(damping_factor=damping)
     rss_ready = _peak_rss_mb()
 
-    fit_times, score_times, cpu_times, scores = [], [], [], None
-    for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
-        factors_name, scores_name = f"ekfac_{rep}", f"pairwise_{rep}"
-        start, cpu_start = time.perf_counter(), time.process_time()
+    def fit(factors_name: str) -> None:
         analyzer.fit_all_factors(
             factors_name=factors_name,
             dataset=train,
@@ -142,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             factor_args=factor_args,
             overwrite_output_dir=True,
         )
-        fit_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+
+    def score(scores_name: str, factors_name: str) -> None:
         analyzer.compute_pairwise_scores(
             scores_name=scores_name,
             factors_name=factors_name,
@@ -154,6 +162,41 @@ def main(argv: list[str] | None = None) -> None:
             score_args=score_args,
             overwrite_output_dir=True,
         )
+
+    if args.mode == "memory":
+        start = time.perf_counter()
+        fit("ekfac_memory")
+        fit_s = time.perf_counter() - start
+        peak_through_fit = _peak_rss_mb()
+        reset = reset_peak_rss()
+        rss_score_start = current_rss_mb()
+        start = time.perf_counter()
+        score("pairwise_memory", "ekfac_memory")
+        score_s = time.perf_counter() - start
+        num_scored = analyzer.load_pairwise_scores(scores_name="pairwise_memory")[
+            "all_modules"].shape
+        timings = {
+            "num_queries": int(num_scored[0]),
+            "num_train": int(num_scored[1]),
+            "fit_s": fit_s,
+            "score_s": score_s,
+            "peak_rss_through_fit_mb": peak_through_fit,
+            "rss_score_start_mb": rss_score_start,
+            "peak_rss_scoring_mb": _peak_rss_mb(),
+            "peak_reset": reset,
+            "rss_after_import_mb": rss_start,
+        }
+        np.savez(args.result, timings=json.dumps(timings))
+        return
+
+    fit_times, score_times, cpu_times, scores = [], [], [], None
+    for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
+        factors_name, scores_name = f"ekfac_{rep}", f"pairwise_{rep}"
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fit(factors_name)
+        fit_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        score(scores_name, factors_name)
         score_times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         scores = analyzer.load_pairwise_scores(scores_name=scores_name)["all_modules"]
