@@ -53,6 +53,7 @@ from tda_jax.curvature.fit import (
     nonfinite_count,
     raise_if_nonfinite,
     round_batch_size,
+    track_first_bad,
 )
 from tda_jax.data import Dataset, batch_iterator, num_examples
 from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
@@ -224,15 +225,10 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
             batch_scores, bad = steps.pairwise(params, factors, precond,
                                                jax.device_put(batch, sharding))
             values.append(batch_scores)
-            first_bad = _first_bad(first_bad, bad, number)
+            first_bad = track_first_bad(first_bad, bad, number)
         raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs")
         scores[q0:q1] = np.asarray(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
     return scores
-
-
-@jax.jit
-def _first_bad(first_bad, bad, number):
-    return jnp.where((first_bad < 0) & (bad > 0), number, first_bad)
 
 
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):
@@ -244,7 +240,7 @@ def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super
     for number, batch in enumerate(batch_iterator(part, block)):
         grads, bad = step(params, factors, jax.device_put(batch))
         chunks.append(grads)
-        first_bad = _first_bad(first_bad, bad, number)
+        first_bad = track_first_bad(first_bad, bad, number)
     if int(first_bad) >= 0:
         lo = q0 + int(first_bad) * block
         raise FloatingPointError(
@@ -279,7 +275,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
                                             total=-(-num_t // batch_size))):
         batch_values, bad = steps.self(params, factors, jax.device_put(batch, sharding))
         values.append(batch_values)
-        first_bad = _first_bad(first_bad, bad, number)
+        first_bad = track_first_bad(first_bad, bad, number)
     raise_if_nonfinite(first_bad, batch_size, num_t, "training outputs")
     out = np.asarray(jnp.concatenate(values))[:num_t]
     if not np.all(np.isfinite(out)):

@@ -143,10 +143,15 @@ def build_fit_steps(apply_fn: ApplyFn, strategy: str | CurvatureBlock, loss: Los
 
 
 @jax.jit
+def track_first_bad(first_bad: Array, nonfinite: Array, batch_number: Array) -> Array:
+    """The number of the first batch with a non-finite value so far, -1 if none (on the device)."""
+    return jnp.where((first_bad < 0) & (nonfinite > 0), batch_number, first_bad)
+
+
+@jax.jit
 def _accumulate(total, stats, first_bad, batch_number):
-    """Adds a batch's totals; remembers the first batch with non-finite values (all on device)."""
-    bad = stats.pop("nonfinite") > 0
-    first_bad = jnp.where((first_bad < 0) & bad, batch_number, first_bad)
+    """Adds a batch's totals and tracks the first batch with non-finite values (all on device)."""
+    first_bad = track_first_bad(first_bad, stats.pop("nonfinite"), batch_number)
     return jax.tree.map(jnp.add, total, stats), first_bad
 
 

@@ -207,6 +207,10 @@ class LayerwiseBlock(CurvatureBlock):
         for s in specs:
             factors[s.name] = self.layer_finalize(pass_name, s, stats[s.name], count,
                                                   dict(factors.get(s.name, {})), damping, eigh_dtype)
+            eig = self.eigenvalues(factors[s.name]) if pass_name == self.passes[-1] else None
+            if eig is not None:  # once the layer's final eigenvalues are known
+                check_nonsingular(f"layer {s.name!r} ({self.name})", np.asarray(eig),
+                                  float(factors[s.name]["damping"]))
         return factors
 
     def _weights(self, factors: dict[str, Any]) -> Array | None:

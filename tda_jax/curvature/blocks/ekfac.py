@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from tda_jax.curvature.blocks.base import (
-    check_nonsingular,
     default_damping,
     register_block,
     squared_gradient_sums,
@@ -40,7 +39,6 @@ class EKFACBlock(KFACBlock):
             return super().layer_finalize(pass_name, spec, stats, count, factors, damping, eigh_dtype)
         values = (np.asarray(stats, np.float64) / count).astype(np.float32)
         used = default_damping(values.mean(), damping)
-        check_nonsingular(f"layer {spec.name!r} (ekfac)", values, used)
         return {**factors, "lambda": jnp.asarray(values), "damping": jnp.float32(used)}
 
     def eigenvalues(self, factors):

@@ -17,9 +17,6 @@ class IdentityBlock(LayerwiseBlock):
     passes = ()
     accepts_damping = False
 
-    def finalize(self, pass_name, specs, stats, count, factors, damping, eigh_dtype):
-        return factors
-
     def initial_factors(self, specs):
         return {s.name: {"damping": jnp.zeros((), jnp.float32)} for s in specs}
 

@@ -14,7 +14,6 @@ import numpy as np
 
 from tda_jax.curvature.blocks.base import (
     LayerwiseBlock,
-    check_nonsingular,
     default_damping,
     register_block,
 )
@@ -46,8 +45,6 @@ class KFACBlock(LayerwiseBlock):
         vals_a, vecs_a = host_eigh(np.asarray(stats["A"]) / count, eigh_dtype)
         vals_g, vecs_g = host_eigh(np.asarray(stats["G"]) / count, eigh_dtype)
         used = default_damping(vals_a.mean() * vals_g.mean(), damping)
-        if type(self) is KFACBlock:
-            check_nonsingular(f"layer {spec.name!r} (kfac)", np.outer(vals_a, vals_g), used)
         return {"eigvecs_A": jnp.asarray(vecs_a), "eigvals_A": jnp.asarray(vals_a),
                 "eigvecs_G": jnp.asarray(vecs_g), "eigvals_G": jnp.asarray(vals_g),
                 "damping": jnp.float32(used)}
