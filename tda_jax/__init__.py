@@ -40,7 +40,9 @@ from tda_jax.attribution import pairwise_scores, self_scores
 from tda_jax.curvature import Curvature, fit_curvature
 from tda_jax.losses import (
     Loss,
+    causal_lm_loss,
     classification_margin,
+    completion_log_prob,
     mean_squared_error,
     negative_loss,
     softmax_cross_entropy,
@@ -53,7 +55,9 @@ __all__ = [
     "Loss",
     "attribution",
     "capture",
+    "causal_lm_loss",
     "classification_margin",
+    "completion_log_prob",
     "curvature",
     "data",
     "evaluation",

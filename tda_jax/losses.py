@@ -12,6 +12,11 @@ A :class:`Loss` bundles the pure functions that the attribution half asks of a t
 
 Measurements (what a query's influence is measured on) share the signature
 ``measurement(outputs [B, C], targets [B, ...]) -> [B]``.
+
+Sequence models (``outputs [B, T, V]``, e.g. a causal language model) use ``"token"`` targets:
+``[B, T]`` integer next-token ids with :data:`IGNORE` (``-1``) at positions that carry no loss
+(padding, and a query's prompt). :func:`causal_lm_loss` sums the token NLL of a sequence;
+:func:`completion_log_prob` measures ``log p(completion | prompt)``.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ class Loss(NamedTuple):
       sample_targets: ``(key, outputs [B, C]) -> targets`` drawn from the model's predictive
         distribution.
       hessian_sqrt: ``(outputs [B, C]) -> [B, K, C]`` with ``sum_k v_k v_k^T = d^2 loss / d outputs^2``.
-      target_kind: ``"class"`` (integer labels in ``[0, C)``) or ``"real"`` (float targets); checked
-        by :func:`check_targets` before training, fitting and scoring.
+      target_kind: ``"class"`` (integer labels in ``[0, C)``), ``"real"`` (float targets) or
+        ``"token"`` (``[B, T]`` next-token ids in ``[0, V)`` or :data:`IGNORE`); checked by
+        :func:`check_targets` before training, fitting and scoring.
     """
 
     name: str
@@ -47,10 +53,19 @@ class Loss(NamedTuple):
     target_kind: str = "class"
 
 
-TARGET_KINDS = ("class", "real")
+TARGET_KINDS = ("class", "real", "token")
+
+IGNORE = -1
+"""Token target meaning "no loss at this position" (padding, prompt tokens)."""
 
 
-def check_targets(targets, num_outputs: int, kind: str, role: str = "targets") -> None:
+def token_positions(targets: Array) -> Array:
+    """``[B, T]`` float mask of the positions of ``"token"`` targets that carry a loss."""
+    return (targets >= 0).astype(jnp.float32)
+
+
+def check_targets(targets, num_outputs: int, kind: str, role: str = "targets",
+                  positions: int | None = None) -> None:
     """Raises a clear error when targets do not suit a loss or measurement (host-side check).
 
     Out-of-range class labels are the dangerous case: ``take_along_axis`` clamps or fills them, so a
@@ -60,8 +75,9 @@ def check_targets(targets, num_outputs: int, kind: str, role: str = "targets") -
       targets: ``[N]`` integer class labels (``kind="class"``) or ``[N, num_outputs]`` / ``[N]``
         real targets (``kind="real"``); a numpy or JAX array.
       num_outputs: the model's number of outputs (classes for a classifier).
-      kind: ``"class"`` or ``"real"`` (see :attr:`Loss.target_kind`).
+      kind: ``"class"``, ``"real"`` or ``"token"`` (see :attr:`Loss.target_kind`).
       role: what the targets are, named in the error (e.g. ``"train.targets"``).
+      positions: for ``"token"`` targets, the sequence length ``T`` of the model's outputs.
 
     Raises:
       ValueError: naming the offending rows and values, and what to do.
@@ -69,6 +85,9 @@ def check_targets(targets, num_outputs: int, kind: str, role: str = "targets") -
     if kind not in TARGET_KINDS:
         raise ValueError(f"target kind {kind!r} is not one of {TARGET_KINDS}.")
     targets = np.asarray(targets)
+    if kind == "token":
+        _check_token_targets(targets, num_outputs, role, positions)
+        return
     if kind == "class":
         if not np.issubdtype(targets.dtype, np.integer):
             raise ValueError(
@@ -96,6 +115,29 @@ def check_targets(targets, num_outputs: int, kind: str, role: str = "targets") -
     if bad.size:
         raise ValueError(f"{role} has non-finite values in rows {bad[:5].tolist()}"
                          f"{' ...' if bad.size > 5 else ''}.")
+
+
+def _check_token_targets(targets: np.ndarray, vocab: int, role: str, positions: int | None) -> None:
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"{role} has dtype {targets.dtype} but a sequence loss/measurement needs "
+                         f"integer next-token ids (with {IGNORE} where no loss is taken).")
+    if targets.ndim != 2 or (positions is not None and targets.shape[1] != positions):
+        want = f"[N, {positions}]" if positions is not None else "[N, T]"
+        raise ValueError(f"{role} must be next-token ids of shape {want} (one per output position); "
+                         f"got shape {targets.shape}.")
+    bad = np.argwhere((targets < IGNORE) | (targets >= vocab))
+    if bad.size:
+        shown = ", ".join(f"row {int(r)} position {int(t)}: {int(targets[r, t])}" for r, t in bad[:5])
+        raise ValueError(
+            f"{role} has {len(bad)} token id(s) outside [0, {vocab}) for a model with a vocabulary "
+            f"of {vocab} ({shown}{', ...' if len(bad) > 5 else ''}); use {IGNORE} only to mark "
+            "positions without a loss.")
+    empty = np.flatnonzero(~np.any(targets >= 0, axis=1))
+    if empty.size:
+        raise ValueError(
+            f"{role} rows {empty[:5].tolist()}{' ...' if empty.size > 5 else ''} have no token with a "
+            f"loss (every target is {IGNORE}: an empty completion, or a prompt mask that hides every "
+            "token); give each sequence at least one target token.")
 
 
 def check_loss(loss, argument: str = "loss") -> Loss:
@@ -188,7 +230,53 @@ def negative_loss(loss: Loss) -> Callable[[Array, Array], Array]:
     return measurement
 
 
-_FACTORIES = (softmax_cross_entropy, mean_squared_error)
+def _token_log_probs(logits: Array, targets: Array) -> Array:
+    """``log p(target_t)`` at every position, 0 where the target is :data:`IGNORE`."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.maximum(targets, 0)[..., None].astype(jnp.int32),
+                                 axis=-1)[..., 0]
+    return jnp.where(targets >= 0, picked, 0.0)
+
+
+def _lm_per_example(logits: Array, targets: Array) -> Array:
+    return -jnp.sum(_token_log_probs(logits, targets), axis=-1)
+
+
+def _lm_hessian_sqrt(logits: Array) -> Array:
+    # For every position t and token k the cotangent sqrt(p_tk) (e_k - p_t) placed at position t:
+    # [B, T * V, T, V]. Exact but T * V backward passes per sequence (small vocabularies only).
+    batch, length, vocab = logits.shape
+    per_position = jax.vmap(_ce_hessian_sqrt, in_axes=1, out_axes=1)(logits)  # [B, T, V, V]
+    eye = jnp.eye(length, dtype=logits.dtype)
+    out = eye[None, :, None, :, None] * per_position[:, :, :, None, :]  # [B, T, V, T, V]
+    return jnp.reshape(out, (batch, length * vocab, length, vocab))
+
+
+def causal_lm_loss() -> Loss:
+    """Summed next-token NLL of a sequence: ``logits [B, T, V]``, ``"token"`` targets ``[B, T]``.
+
+    Positions whose target is :data:`IGNORE` carry no loss (and no curvature). Fisher types for
+    :func:`tda_jax.curvature.fit_curvature`: ``"sampled"`` (one token drawn per position from the
+    model, per-example keys) and ``"empirical"`` cost one backward pass per sequence and suit any
+    vocabulary; ``"expected"`` is exact but back-propagates ``T x V`` cotangents per sequence, so it
+    is only for small vocabularies and short sequences.
+    """
+    return Loss("causal_lm", _lm_per_example, _ce_sample, _lm_hessian_sqrt, "token")
+
+
+def completion_log_prob(logits: Array, targets: Array) -> Array:
+    """Measurement ``log p(completion | prompt)`` per sequence -> ``[B]``.
+
+    ``targets [B, T]`` holds the completion's next-token ids and :data:`IGNORE` at prompt and
+    padding positions, so only completion tokens are counted (build queries with
+    :func:`tda_jax.data.lm_dataset` and ``prompt_lengths``).
+    """
+    return jnp.sum(_token_log_probs(logits, targets), axis=-1)
+
+
+completion_log_prob.target_kind = "token"
+
+_FACTORIES = (softmax_cross_entropy, mean_squared_error, causal_lm_loss)
 
 
 def get_loss(name: str) -> Loss:
@@ -197,4 +285,6 @@ def get_loss(name: str) -> Loss:
         return softmax_cross_entropy()
     if name in ("mse", "squared_error"):
         return mean_squared_error()
-    raise ValueError(f"unknown loss {name!r}; expected 'cross_entropy' or 'mse'")
+    if name in ("causal_lm", "causal_lm_loss"):
+        return causal_lm_loss()
+    raise ValueError(f"unknown loss {name!r}; expected 'cross_entropy', 'mse' or 'causal_lm'")

@@ -55,7 +55,7 @@ from tda_jax.curvature.fit import (
     round_batch_size,
     track_first_bad,
 )
-from tda_jax.data import Dataset, batch_iterator, num_examples
+from tda_jax.data import Dataset, batch_iterator, num_examples, subset
 from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
 from tda_jax.progress import progress
 from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh, replicated
@@ -234,8 +234,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):
     """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows."""
     rows = np.arange(q0, q1)
-    part = Dataset(np.asarray(queries.inputs)[rows], np.asarray(queries.targets)[rows],
-                   queries.num_classes)
+    part = subset(queries, rows)
     chunks, first_bad = [], jnp.int32(-1)
     for number, batch in enumerate(batch_iterator(part, block)):
         grads, bad = step(params, factors, jax.device_put(batch))

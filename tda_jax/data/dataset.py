@@ -22,14 +22,20 @@ class Dataset(NamedTuple):
       inputs: ``[num_examples, ...]`` float32 features.
       targets: ``[num_examples]`` int32 class labels (classification) or ``[num_examples, d]``
         float32 regression targets.
-      num_classes: number of classes for classification, ``None`` for regression.
+      num_classes: number of classes for classification (the vocabulary size for a language
+        model), ``None`` for regression.
+      input_mask: optional ``[num_examples, T]`` float32 mask of the input positions of sequence
+        data (1 = a real token, 0 = padding). Padding positions are left out of curvature
+        statistics. Language-model datasets (:func:`tda_jax.data.lm_dataset`) set it; their
+        ``targets`` are ``[num_examples, T]`` next-token ids with ``-1`` where no loss is taken.
 
-    ``len(dataset)`` is the tuple length (3); use :func:`num_examples` for the number of examples.
+    ``len(dataset)`` is the tuple length (4); use :func:`num_examples` for the number of examples.
     """
 
     inputs: np.ndarray
     targets: np.ndarray
     num_classes: int | None
+    input_mask: np.ndarray | None = None
 
 
 def _check_dataset(dataset: Dataset) -> int:
@@ -42,6 +48,12 @@ def _check_dataset(dataset: Dataset) -> int:
             f"dataset.targets has {n_tg} (shape {np.shape(dataset.targets)});"
             " they must share their leading axis."
         )
+    if dataset.input_mask is not None:
+        shape = np.shape(dataset.input_mask)
+        if len(shape) != 2 or shape[0] != n_in or tuple(np.shape(dataset.inputs)[:2]) != shape:
+            raise ValueError(f"dataset.input_mask has shape {shape} but must be [num_examples, T] = "
+                             f"{tuple(np.shape(dataset.inputs)[:2])}, matching the inputs' first two "
+                             "axes.")
     return int(n_in)
 
 
@@ -66,8 +78,9 @@ def subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
             f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
     if indices.size and (indices.min() < -n or indices.max() >= n):
         raise ValueError(f"indices out of range for a dataset of {n} examples")
+    mask = None if dataset.input_mask is None else np.asarray(dataset.input_mask)[indices]
     return Dataset(np.asarray(dataset.inputs)[indices], np.asarray(dataset.targets)[indices],
-                   dataset.num_classes)
+                   dataset.num_classes, mask)
 
 
 def shuffled_order(key: jax.Array, n: int) -> np.ndarray:
@@ -105,7 +118,8 @@ def batch_iterator(dataset: Dataset, batch_size: int, key: jax.Array | None = No
     Yields:
       dicts with ``"inputs"`` ``[B, ...]``, ``"targets"`` ``[B, ...]``, ``"mask"`` ``[B]`` float32
       (1 for real rows, 0 for padding) and ``"index"`` ``[B]`` int32 (the row's position in
-      ``dataset``, -1 for padding). Padding rows repeat row 0 of the dataset.
+      ``dataset``, -1 for padding), plus ``"input_mask"`` ``[B, T]`` when the dataset has one.
+      Padding rows repeat row 0 of the dataset.
 
     Raises:
       ValueError: if the dataset is empty or ``batch_size < 1``.
@@ -121,6 +135,7 @@ def batch_iterator(dataset: Dataset, batch_size: int, key: jax.Array | None = No
 def _iterate(dataset: Dataset, order: np.ndarray, batch_size: int,
              drop_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
     inputs, targets = np.asarray(dataset.inputs), np.asarray(dataset.targets)
+    input_mask = None if dataset.input_mask is None else np.asarray(dataset.input_mask, np.float32)
     n = order.shape[0]
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):
@@ -131,8 +146,11 @@ def _iterate(dataset: Dataset, order: np.ndarray, batch_size: int,
             mask[real:] = 0.0
             index = np.concatenate([index, np.full(batch_size - real, -1, np.int32)])
         rows = np.where(index >= 0, index, 0)
-        yield {"inputs": inputs[rows], "targets": targets[rows], "mask": mask,
-               "index": index.astype(np.int32)}
+        batch = {"inputs": inputs[rows], "targets": targets[rows], "mask": mask,
+                 "index": index.astype(np.int32)}
+        if input_mask is not None:
+            batch["input_mask"] = input_mask[rows] * mask[:, None]
+        yield batch
 
 
 def batches_in_order(dataset: Dataset, order: np.ndarray, batch_size: int,
