@@ -119,7 +119,8 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         if measurement is None:
             raise ValueError("these score steps were built without a measurement.")
         cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
-        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
+                                                  batch.get("input_mask"))
         grads = {n: layer_gradients(a[n], g[n])[0] for n in a}
         values = jnp.where(batch["mask"] > 0, measurement(outputs, batch["targets"]), 0.0)
         bad = nonfinite_count(outputs, values, cot(outputs))
@@ -127,7 +128,8 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
 
     def pairwise(params, factors, precond, batch):
         cot = training_cotangents(batch)
-        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
+                                                  batch.get("input_mask"))
         a, g = block.train_transform(specs, factors, a, g)
         total = sum(_layer_scores(precond[s.name], a[s.name], g[s.name][0], max_gradient_bytes)
                     for s in specs)
@@ -135,7 +137,8 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
 
     def self_influence(params, factors, batch):
         cot = training_cotangents(batch)
-        outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
+        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
+                                                  batch.get("input_mask"))
         values = block.self_quadratic(specs, factors, a, g)
         return values, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
 

@@ -35,7 +35,8 @@ Array = jax.Array
 Params = Any
 ApplyFn = Callable[[Params, Any], Array]
 
-SUPPORTED_LAYERS = "flax.linen Dense, DenseGeneral, Conv and Embed, or a layer marked with tag_linear"
+SUPPORTED_LAYERS = ("flax.linen Dense, DenseGeneral, Conv, Embed (and Embed.attend), the flax.nnx "
+                    "equivalents, or a layer marked with tag_linear")
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,17 @@ class LayerSpec:
 
 @dataclass
 class _Record:
-    """What one layer call produced during a traced forward pass."""
+    """What one layer call produced during a traced forward pass.
+
+    A *transposed* call uses the layer's matrix ``W [in, out]`` as ``y = x W^T`` (``Embed.attend``:
+    tied output embeddings). Its gradient contribution ``sum_t g_t x_t^T`` has the output gradient
+    on the ``in`` side and the input ``x [B, T, out]`` on the ``out`` side.
+    """
 
     spec: LayerSpec
-    inputs: Array  # [B, T, in_dim]
+    inputs: Array  # [B, T, in_dim], or [B, T, out_dim] for a transposed call
     outputs_shape: tuple[int, ...]
+    transposed: bool = False
 
 
 @dataclass
@@ -232,17 +239,24 @@ def _conv_record(module: nn.Conv, x: Array) -> tuple[LayerSpec, Array]:
     return spec, a
 
 
-def _embed_record(module: nn.Embed, x: Array) -> tuple[LayerSpec, Array]:
-    name = "/".join(_module_path(module))
+def embed_spec(name: str, path: tuple[str, ...], shape: tuple[int, ...],
+               param_name: str = "embedding") -> LayerSpec:
+    """The spec of an embedding table ``[num_embeddings, features]`` (one-hot inputs)."""
+    return LayerSpec(name=name, kind="embed", path=path, param_names=(param_name,),
+                     kernel_shape=shape, in_dim=shape[0], out_dim=shape[1], has_bias=False)
+
+
+def embed_inputs(name: str, x: Array, num_embeddings: int) -> Array:
+    """One-hot layer inputs ``[B, T, num_embeddings]`` of an embedding lookup of ids ``x``."""
     if jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"layer {name!r}: Embed expects integer token ids, got dtype {x.dtype}.")
-    a = jax.nn.one_hot(jnp.reshape(x, (x.shape[0], -1)), module.num_embeddings, dtype=jnp.float32)
-    shape = _param_shapes(module)["embedding"]
-    spec = LayerSpec(
-        name=name, kind="embed", path=_module_path(module), param_names=("embedding",),
-        kernel_shape=shape, in_dim=shape[0], out_dim=shape[1], has_bias=False,
-    )
-    return spec, a
+    return jax.nn.one_hot(jnp.reshape(x, (x.shape[0], -1)), num_embeddings, dtype=jnp.float32)
+
+
+def _embed_record(module: nn.Embed, x: Array) -> tuple[LayerSpec, Array]:
+    name = "/".join(_module_path(module))
+    spec = embed_spec(name, _module_path(module), _param_shapes(module)["embedding"])
+    return spec, embed_inputs(name, x, module.num_embeddings)
 
 
 _RECORDERS: list[tuple[type, Callable]] = [
@@ -253,10 +267,23 @@ _RECORDERS: list[tuple[type, Callable]] = [
 ]
 
 
-def _add_record(ctx: _CaptureContext, spec: LayerSpec, a: Array, y: Array) -> Array:
+def add_record(spec: LayerSpec, a: Array, y: Array, transposed: bool = False) -> Array:
+    """Records one call of a tracked layer in the active capture; returns ``y`` (perturbed).
+
+    Outside capture it returns ``y`` unchanged. ``a [B, T, in]`` are the call's layer inputs
+    (``[B, T, out]`` inputs ``x`` for a transposed call ``y = x W^T``).
+    """
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return y
+    return _add_record(ctx, spec, a, y, transposed)
+
+
+def _add_record(ctx: _CaptureContext, spec: LayerSpec, a: Array, y: Array,
+                transposed: bool = False) -> Array:
     calls = ctx.records.setdefault(spec.name, [])
     key = f"{spec.name}#{len(calls)}"
-    calls.append(_Record(spec=spec, inputs=a, outputs_shape=tuple(y.shape)))
+    calls.append(_Record(spec=spec, inputs=a, outputs_shape=tuple(y.shape), transposed=transposed))
     if ctx.perturbations is not None:
         if key not in ctx.perturbations:
             raise ValueError(f"layer call {key!r} was not seen when the model's layers were "
@@ -271,8 +298,10 @@ def _interceptor(next_fun, args, kwargs, context):
     if ctx is None:
         return next_fun(*args, **kwargs)
     if isinstance(module, nn.Embed) and context.method_name == "attend":
-        raise ValueError(f"layer {'/'.join(_module_path(module))!r}: Embed.attend (tied "
-                         "input/output embeddings) is not supported by Kronecker capture.")
+        y = next_fun(*args, **kwargs)
+        spec = embed_spec("/".join(_module_path(module)), _module_path(module),
+                          _param_shapes(module)["embedding"])
+        return _add_record(ctx, spec, _as_positions(args[0], args[0].shape[0]), y, transposed=True)
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     for cls, recorder in _RECORDERS:
@@ -336,8 +365,8 @@ def _capturing(perturbations: dict[str, Array] | None):
 
 def forward_with_capture(apply_fn: ApplyFn, params: Params, inputs: Any,
                          perturbations: dict[str, Array] | None = None
-                         ) -> tuple[Array, dict[str, Array], dict[str, LayerSpec]]:
-    """Runs ``apply_fn(params, inputs)`` while recording every tracked layer.
+                         ) -> tuple[Array, dict[str, list[_Record]], dict[str, LayerSpec]]:
+    """Runs ``apply_fn(params, inputs)`` while recording every call of every tracked layer.
 
     Args:
       apply_fn: ``(params, inputs) -> outputs``; an unmodified Flax ``apply`` wrapper.
@@ -347,18 +376,18 @@ def forward_with_capture(apply_fn: ApplyFn, params: Params, inputs: Any,
         layer outputs (their gradients are the output gradients ``g``).
 
     Returns:
-      ``(outputs, inputs_by_layer, specs)`` with ``inputs_by_layer[name]`` of shape
-      ``[B, T, in_dim]`` (calls of a shared layer concatenated along ``T``).
+      ``(outputs, calls, specs)``: ``calls[name]`` lists the layer's calls in order (each with its
+      inputs ``[B, T, in_dim]``, or ``[B, T, out_dim]`` for a transposed call).
     """
     with _capturing(perturbations) as ctx:
         outputs = apply_fn(params, inputs)
-    a_by_layer, specs = {}, {}
+    specs = {}
     for name, calls in ctx.records.items():
         specs[name] = calls[0].spec
-        if any(c.spec.in_dim != calls[0].spec.in_dim for c in calls):
+        if any((c.spec.in_dim, c.spec.out_dim) != (calls[0].spec.in_dim, calls[0].spec.out_dim)
+               for c in calls):
             raise ValueError(f"layer {name!r} was called with inputs of different sizes.")
-        a_by_layer[name] = jnp.concatenate([c.inputs for c in calls], axis=1)
-    return outputs, a_by_layer, specs
+    return outputs, dict(ctx.records), specs
 
 
 def output_shapes(apply_fn: ApplyFn, params: Params, inputs: Any
@@ -402,11 +431,20 @@ def params_root(params: Params) -> Params:
     return params
 
 
-def check_coverage(params: Params, specs: dict[str, LayerSpec], allow_untracked: bool) -> None:
-    """Raises if parameters exist that no tracked layer owns (unless ``allow_untracked``)."""
+def untracked_parameters(params: Params, specs: dict[str, LayerSpec]) -> list[str]:
+    """``/``-joined paths of the parameters that no tracked layer owns (e.g. LayerNorm scales)."""
     owned = {(*s.path, n) for s in specs.values() for n in s.param_names}
     leaves = _flatten_params(params_root(params))
-    untracked = sorted("/".join(k) for k in leaves if k not in owned)
+    return sorted("/".join(k) for k in leaves if k not in owned)
+
+
+def check_coverage(params: Params, specs: dict[str, LayerSpec], allow_untracked: bool) -> list[str]:
+    """Raises if parameters exist that no tracked layer owns (unless ``allow_untracked``).
+
+    Returns:
+      the untracked parameter paths (empty when every parameter is tracked).
+    """
+    untracked = untracked_parameters(params, specs)
     if not specs:
         raise ValueError(f"the model has no tracked layers; supported: {SUPPORTED_LAYERS}.")
     if untracked and not allow_untracked:
@@ -417,6 +455,7 @@ def check_coverage(params: Params, specs: dict[str, LayerSpec], allow_untracked:
             "tda_jax.capture.tag_linear, or pass allow_untracked=True to leave these parameters "
             "out of attribution."
         )
+    return untracked
 
 
 def layer_params(params: Params, spec: LayerSpec) -> dict[str, Array]:

@@ -26,44 +26,95 @@ Array = jax.Array
 Params = Any
 
 
+def align_mask(input_mask: Array, positions: int, name: str) -> Array:
+    """An input mask ``[B, T]`` aligned with a layer call's ``positions`` -> ``[B, positions]``.
+
+    A call over ``T`` positions uses the mask as is; over ``k T`` positions (e.g. heads laid out
+    position-major, ``[B, T, H, d] -> [B, T H, d]``) each token's entry is repeated ``k`` times; a
+    call with one position (a pooled input) is not masked by tokens.
+    """
+    batch, length = input_mask.shape
+    if positions == length:
+        return input_mask
+    if positions == 1:
+        return jnp.ones((batch, 1), input_mask.dtype)
+    if positions % length == 0:
+        return jnp.repeat(input_mask, positions // length, axis=1)
+    raise ValueError(f"layer {name!r} has {positions} positions per example, which cannot be aligned "
+                     f"with the input mask's {length} tokens; leave this layer out (layers=...) or "
+                     "give no input_mask.")
+
+
 def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
-                     cotangent_fn: Callable[[Array], Array]
-                     ) -> tuple[Array, dict[str, Array], dict[str, Array], dict[str, LayerSpec]]:
+                     cotangent_fn: Callable[[Array], Array], input_mask: Array | None = None
+                     ) -> tuple[Array, dict[str, Array], dict[str, Array], dict[str, Array],
+                                dict[str, LayerSpec]]:
     """Layer inputs and output gradients of every tracked layer for one batch.
 
     Args:
-      apply_fn: ``(params, inputs) -> outputs [B, C]``, an unmodified Flax apply wrapper.
+      apply_fn: ``(params, inputs) -> outputs [B, ...]``, an unmodified Flax apply wrapper.
       params: model parameters.
       inputs: a batch with leading example axis ``B``.
-      cotangent_fn: ``outputs [B, C] -> cotangents [K, B, C]``; may close over targets, masks, keys.
+      cotangent_fn: ``outputs -> cotangents [K, *outputs.shape]``; may close over targets, masks,
+        keys.
+      input_mask: optional ``[B, T]`` mask of real input tokens; positions it marks 0 get ``a = 0``
+        (they add nothing to any statistic) and ``mask = 0``.
 
     Returns:
-      ``(outputs, a, g, specs)`` with ``a[name]`` of shape ``[B, T, in_dim]`` and ``g[name]`` of shape
-      ``[K, B, T, out_dim]`` (all calls of a shared layer concatenated along ``T``).
+      ``(outputs, a, g, masks, specs)`` with ``a[name] [B, T, in_dim]``, ``g[name] [K, B, T, out_dim]``
+      and ``masks[name] [B, T]`` (1 for real positions), all calls of a shared layer concatenated
+      along ``T``. For a transposed call (``Embed.attend``) the roles swap: its ``a`` part is the
+      output gradient and its ``g`` part the call's input, so such a layer needs ``K = 1`` (one
+      cotangent per example: a loss or measurement gradient, or the sampled/empirical Fisher).
     """
     specs, shapes, out_struct = output_shapes(apply_fn, params, inputs)
     dtype = out_struct.dtype if hasattr(out_struct, "dtype") else jnp.float32
     zeros = {key: jnp.zeros(shape, dtype) for key, shape in shapes.items()}
 
-    def forward(perturbations):
-        outputs, a, _ = forward_with_capture(apply_fn, params, inputs, perturbations)
-        return outputs, a
+    transposed: dict[str, list[bool]] = {}
 
-    outputs, vjp_fn, a = jax.vjp(forward, zeros, has_aux=True)
+    def forward(perturbations):
+        outputs, calls, _ = forward_with_capture(apply_fn, params, inputs, perturbations)
+        transposed.update({n: [c.transposed for c in cs] for n, cs in calls.items()})
+        return outputs, {n: [c.inputs for c in cs] for n, cs in calls.items()}
+
+    outputs, vjp_fn, call_inputs = jax.vjp(forward, zeros, has_aux=True)
     cotangents = cotangent_fn(outputs)
     if cotangents.ndim != outputs.ndim + 1 or cotangents.shape[1:] != outputs.shape:
         raise ValueError(f"cotangent_fn must return [K, *outputs.shape] = [K, {outputs.shape}], got "
                          f"{cotangents.shape}.")
     (g_by_call,) = jax.vmap(vjp_fn)(cotangents.astype(outputs.dtype))
-    batch = outputs.shape[0]
-    g = {}
-    for name in specs:
-        calls = sorted((k for k in g_by_call if k.rsplit("#", 1)[0] == name),
-                       key=lambda k: int(k.rsplit("#", 1)[1]))
-        parts = [jnp.reshape(g_by_call[k], (cotangents.shape[0], batch, -1, specs[name].out_dim))
-                 for k in calls]
-        g[name] = jnp.concatenate(parts, axis=2)
-    return outputs, a, g, specs
+    batch, num_k = outputs.shape[0], cotangents.shape[0]
+    a, g, masks = {}, {}, {}
+    for name, spec in specs.items():
+        a_parts, g_parts, m_parts = [], [], []
+        for number, (x, is_transposed) in enumerate(zip(call_inputs[name], transposed[name])):
+            grad = g_by_call[f"{name}#{number}"]
+            if is_transposed:
+                if num_k != 1:
+                    raise ValueError(
+                        f"layer {name!r} is also used transposed (Embed.attend: tied embeddings); "
+                        f"its statistics need one cotangent per example but got K = {num_k} (the "
+                        "expected Fisher); use fisher='sampled' or fisher='empirical'.")
+                a_part = jnp.reshape(grad[0], (batch, -1, spec.in_dim))
+                g_part = x[None]
+            else:
+                a_part = x
+                g_part = jnp.reshape(grad, (num_k, batch, -1, spec.out_dim))
+            m_part = jnp.ones(a_part.shape[:2], a_part.dtype)
+            if input_mask is not None:
+                m_part = align_mask(input_mask.astype(a_part.dtype), a_part.shape[1], name)
+                if is_transposed:
+                    g_part = g_part * m_part[None, :, :, None]
+                else:
+                    a_part = a_part * m_part[:, :, None]
+            a_parts.append(a_part)
+            g_parts.append(g_part)
+            m_parts.append(m_part)
+        a[name] = jnp.concatenate(a_parts, axis=1)
+        g[name] = jnp.concatenate(g_parts, axis=2)
+        masks[name] = jnp.concatenate(m_parts, axis=1)
+    return outputs, a, g, masks, specs
 
 
 def layer_gradients(a: Array, g: Array) -> Array:

@@ -131,8 +131,10 @@ def build_fit_steps(apply_fn: ApplyFn, strategy: str | CurvatureBlock, loss: Los
         def step(params, extra, batch):
             cot = fisher_cotangents(loss, fisher, batch["targets"], batch["mask"], key=extra.get("key"),
                                     index=batch["index"], num_samples=num_samples)
-            outputs, a, g, _ = layer_statistics(apply_fn, params, batch["inputs"], cot)
-            stats = block.statistics(pass_name, specs, a, g, batch["mask"], extra["inputs"])
+            outputs, a, g, masks, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
+                                                       batch.get("input_mask"))
+            masks = {n: m * batch["mask"][:, None] for n, m in masks.items()}
+            stats = block.statistics(pass_name, specs, a, g, masks, extra["inputs"])
             stats["examples"] = jnp.sum(batch["mask"])
             stats["nonfinite"] = nonfinite_count(outputs, *g.values())
             return stats

@@ -3,8 +3,10 @@
 See :mod:`tda_jax.models.apply` for how a module relates to attribution's ``apply_fn(params, x)``.
 """
 
-from tda_jax.models.apply import ModelApply, apply_fn_of, num_outputs_of
+from tda_jax.models.apply import ModelApply, apply_fn_of, num_outputs_of, output_shape_of
 from tda_jax.models.cnn import CNN1D, CNN2D
 from tda_jax.models.mlp import MLP
+from tda_jax.models.transformer import DecoderBlock, FeedForward, TransformerLM
 
-__all__ = ["CNN1D", "CNN2D", "MLP", "ModelApply", "apply_fn_of", "num_outputs_of"]
+__all__ = ["CNN1D", "CNN2D", "MLP", "DecoderBlock", "FeedForward", "ModelApply", "TransformerLM",
+           "apply_fn_of", "num_outputs_of", "output_shape_of"]

@@ -39,21 +39,35 @@ def apply_fn_of(model: nn.Module) -> ModelApply:
     return ModelApply(model)
 
 
+def output_shape_of(model: nn.Module, example_inputs: Any) -> tuple[int, ...]:
+    """The shape of the model's outputs for ``example_inputs``, from one abstract forward
+    (``jax.eval_shape``: no parameters are allocated and nothing is computed).
+
+    Args:
+      model: the Flax module.
+      example_inputs: ``[B, ...]`` inputs (one row is enough; token ids stay integers).
+
+    Returns:
+      e.g. ``(B, C)`` for a classifier, ``(B, T, V)`` for a language model.
+    """
+    outputs = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x)[0], example_inputs)
+    return tuple(int(d) for d in outputs.shape)
+
+
 def num_outputs_of(model: nn.Module, example_inputs: Any) -> int:
-    """The size of the model's last output axis, from one abstract forward (``jax.eval_shape``:
-    no parameters are allocated and nothing is computed).
+    """The size of the model's last output axis, from one abstract forward (:func:`output_shape_of`).
 
     Args:
       model: the Flax module.
       example_inputs: ``[B, ...]`` inputs (one row is enough).
 
     Returns:
-      ``C`` of outputs ``[B, C]``.
+      ``C`` of outputs ``[B, C]``, or the vocabulary ``V`` of sequence outputs ``[B, T, V]``.
     """
-    outputs = jax.eval_shape(
-        lambda x: model.init_with_output(jax.random.key(0), x)[0], example_inputs)
-    if outputs.ndim != 2:
-        raise ValueError(f"the model must map inputs [B, ...] to outputs [B, C]; "
-                         f"{type(model).__name__} gives outputs of shape {outputs.shape} for "
-                         f"inputs {example_inputs.shape}")
-    return int(outputs.shape[-1])
+    shape = output_shape_of(model, example_inputs)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"the model must map inputs [B, ...] to outputs [B, C] (or [B, T, V] for "
+                         f"a sequence model); {type(model).__name__} gives outputs of shape {shape} "
+                         f"for inputs {example_inputs.shape}")
+    return shape[-1]

@@ -6,9 +6,16 @@ variables (``model.init``'s dict, ``{"params": ...}``). Attribution takes a pure
 ``variables["params"]`` (a named, hashable callable, so cached compilations are reused).
 
 Losses are :class:`tda_jax.losses.Loss` objects (``TrainConfig(loss=...)`` also accepts the config
-names ``"cross_entropy"`` / ``"mse"``, resolved once with ``tda_jax.losses.get_loss``). The optax
-loop is the shared one of :mod:`tda_jax.optimization`; :func:`train_in_chunks` is the one driver
-that retrains many models (``train_many`` and LDS ground truth).
+names ``"cross_entropy"`` / ``"mse"`` / ``"causal_lm"``, resolved once with
+``tda_jax.losses.get_loss``). The optax loop is the shared one of :mod:`tda_jax.optimization`;
+:func:`train_in_chunks` is the one driver that retrains many models (``train_many`` and LDS ground
+truth).
+
+Language models (e.g. :class:`tda_jax.models.TransformerLM`) train on sequence data: inputs
+``[N, T]`` int32 token ids, targets ``[N, T]`` next-token ids with ``-1`` where no loss is taken,
+``loss="causal_lm"``. The objective is then the mean over sequences of each sequence's summed token
+NLL (the per-example loss that curvature and scores use); :func:`evaluate` reports per-token NLL and
+next-token accuracy.
 """
 
 from tda_jax.training.checkpoints import load_data_order, load_params, saved_steps

@@ -25,9 +25,11 @@ class TrainConfig:
       optimizer: ``"adamw"`` (``optax.adamw``) or ``"sgd"`` (``optax.sgd`` with ``momentum``,
         after ``optax.add_decayed_weights``).
       loss: a :class:`tda_jax.losses.Loss` (``softmax_cross_entropy()`` for classification,
-        ``mean_squared_error()`` for regression, ``0.5 * ||f - y||^2``). A config name
-        (``"cross_entropy"``, ``"mse"``) is resolved once with :func:`tda_jax.losses.get_loss`, so
-        ``config.loss`` is always a ``Loss``; ``to_dict`` records its ``name``.
+        ``mean_squared_error()`` for regression, ``0.5 * ||f - y||^2``, ``causal_lm_loss()`` for
+        a language model: the summed next-token NLL of each sequence). A config name
+        (``"cross_entropy"``, ``"mse"``, ``"causal_lm"``) is resolved once with
+        :func:`tda_jax.losses.get_loss`, so ``config.loss`` is always a ``Loss``; ``to_dict``
+        records its ``name``.
       momentum: SGD momentum (ignored by AdamW); 0 for plain SGD.
     """
 

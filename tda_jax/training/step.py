@@ -36,7 +36,10 @@ class TrainStep(NamedTuple):
       step: ``step(params, opt_state, batch) -> (params, opt_state, loss)`` where ``batch`` holds
         ``"inputs"``, ``"targets"`` and ``"mask"`` and ``loss`` is the masked mean batch loss
         before the update.
-      batch_loss: ``batch_loss(params, batch) -> scalar`` masked mean loss.
+      batch_loss: ``batch_loss(params, batch) -> scalar``: the mean over real rows (``mask`` 1) of
+        ``config.loss.per_example``; for a causal LM that is each sequence's NLL summed over its
+        positions with a target (not ``-1``), averaged over sequences (not over tokens), so the
+        training objective is the mean of the per-example losses that attribution uses.
       optimizer: the optax transformation.
     """
 

@@ -53,7 +53,8 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
 
     Args:
       key: PRNG key; split into an initialization key and a shuffling key.
-      model: a Flax module mapping inputs ``[B, ...]`` to outputs ``[B, C]``.
+      model: a Flax module mapping inputs ``[B, ...]`` to outputs ``[B, C]`` (or token ids
+        ``[B, T]`` to logits ``[B, T, V]`` with ``config.loss = "causal_lm"``).
       params: initial parameters, or ``None`` to initialize with ``model.init``.
       train_data: training examples.
       config: training settings.
@@ -72,8 +73,9 @@ def train(key: jax.Array, model: nn.Module, params: Params | None, train_data: D
       FloatingPointError: if a batch loss becomes non-finite (names the step and epoch; checked
         once per epoch).
       ValueError: on an empty dataset, targets unsuited to ``config.loss`` (float targets with a
-        class loss, labels outside ``[0, C)``, naming the rows), ``num_classes`` unequal to the
-        model's number of outputs, or checkpoint steps out of range.
+        class loss, labels outside ``[0, C)`` or token ids outside ``[0, vocab_size)``, naming the
+        rows), ``num_classes`` unequal to the model's number of outputs, or checkpoint steps out
+        of range.
     """
     n = check_training_data(model, train_data, config.loss)
     batch_size = int(config.batch_size)

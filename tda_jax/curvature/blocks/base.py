@@ -11,8 +11,8 @@ method              what it does                                                
 ==================  ====================================================================  ========
 ``passes``          names of the statistics passes over the training data, in order       static
 ``pass_inputs``     device arrays a pass needs from earlier passes (e.g. eigenbases)       host
-``statistics``      per-batch partial sums of one pass from layer inputs ``a`` and         traced
-                    output gradients ``g`` (padding rows already zero in ``g``)
+``statistics``      per-batch partial sums of one pass from layer inputs ``a``, output      traced
+                    gradients ``g`` and position masks (padding already zero in ``a``, ``g``)
 ``finalize``        turns one pass's totals into factors (a pytree), damping included      host
 ``query_transform`` ``(F + damping)^-1 v`` expressed in the block's *score coordinates*    traced
 ``train_transform`` the training side's ``a``, ``g`` mapped into the same coordinates       traced
@@ -128,8 +128,12 @@ class CurvatureBlock:
         return {}
 
     def statistics(self, pass_name: str, specs: tuple[LayerSpec, ...], a: Mapping[str, Array],
-                   g: Mapping[str, Array], mask: Array, inputs: Any) -> dict[str, Any]:
-        """Per-batch sums of pass ``pass_name`` (``a [B, T, in]``, ``g [K, B, T, out]``)."""
+                   g: Mapping[str, Array], mask: Mapping[str, Array], inputs: Any) -> dict[str, Any]:
+        """Per-batch sums of pass ``pass_name``.
+
+        ``a[layer] [B, T, in]``, ``g[layer] [K, B, T, out]`` and ``mask[layer] [B, T]`` (1 for real
+        positions of real examples; ``a`` and ``g`` are already zero elsewhere).
+        """
         raise NotImplementedError
 
     def finalize(self, pass_name: str, specs: tuple[LayerSpec, ...], stats: dict[str, Any],
@@ -199,7 +203,7 @@ class LayerwiseBlock(CurvatureBlock):
         return {s.name: self.layer_pass_inputs(pass_name, factors[s.name]) for s in specs}
 
     def statistics(self, pass_name, specs, a, g, mask, inputs):
-        return {s.name: self.layer_statistics(pass_name, a[s.name], g[s.name], mask,
+        return {s.name: self.layer_statistics(pass_name, a[s.name], g[s.name], mask[s.name],
                                               inputs[s.name]) for s in specs}
 
     def finalize(self, pass_name, specs, stats, count, factors, damping, eigh_dtype):

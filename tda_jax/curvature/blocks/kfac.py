@@ -1,8 +1,9 @@
-"""K-FAC block: ``F_l = A (x) G`` with ``A = E[mean_t a_t a_t^T]`` and ``G = E[sum_k sum_t g g^T]``.
+"""K-FAC block: ``F_l = A (x) G`` with ``A = mean_{b,t} a_t a_t^T`` and ``G = E_b[sum_k sum_t g g^T]``.
 
-``A`` is averaged over positions and ``G`` summed over them (and over the expected Fisher's ``K``
-cotangents), the usual convention for shared weights (conv positions, tokens, a layer called
-twice); for ``T = 1`` both are ordinary expectations. ``A`` and ``G`` are eigendecomposed on the host
+``A`` is averaged over all real positions of all examples (padding tokens left out) and ``G``
+summed over positions (and over the expected Fisher's ``K`` cotangents) and averaged over
+examples, the usual convention for shared weights (conv positions, tokens, a layer called twice);
+for ``T = 1`` both are ordinary expectations. ``A`` and ``G`` are eigendecomposed on the host
 in ``eigh_dtype``; the preconditioner works in the eigenbasis ``Q_A (x) Q_G`` with eigenvalues
 ``outer(eig_A, eig_G)``. Default damping: ``0.1 x mean(eig_A) x mean(eig_G)``.
 """
@@ -20,9 +21,12 @@ from tda_jax.curvature.blocks.base import (
 
 
 def covariance_sums(a, g, mask):
-    """``{"A": sum_b mean_t a a^T [in, in], "G": sum_{k,b,t} g g^T [out, out]}`` for one batch."""
-    masked_a = a * mask[:, None, None].astype(a.dtype)
-    return {"A": jnp.einsum("bti,btj->ij", masked_a, a) / a.shape[1],
+    """``{"A": sum_{b,t} m a a^T, "A_count": sum m, "G": sum_{k,b,t} g g^T}`` for one batch.
+
+    ``mask [B, T]`` marks real positions of real examples.
+    """
+    masked_a = a * mask[:, :, None].astype(a.dtype)
+    return {"A": jnp.einsum("bti,btj->ij", masked_a, a), "A_count": jnp.sum(mask),
             "G": jnp.einsum("kbto,kbtp->op", g, g)}
 
 
@@ -42,7 +46,8 @@ class KFACBlock(LayerwiseBlock):
         return covariance_sums(a, g, mask)
 
     def layer_finalize(self, pass_name, spec, stats, count, factors, damping, eigh_dtype):
-        vals_a, vecs_a = host_eigh(np.asarray(stats["A"]) / count, eigh_dtype)
+        vals_a, vecs_a = host_eigh(np.asarray(stats["A"]) / max(float(stats["A_count"]), 1.0),
+                                   eigh_dtype)
         vals_g, vecs_g = host_eigh(np.asarray(stats["G"]) / count, eigh_dtype)
         used = default_damping(vals_a.mean() * vals_g.mean(), damping)
         return {"eigvecs_A": jnp.asarray(vecs_a), "eigvals_A": jnp.asarray(vals_a),
