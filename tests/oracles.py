@@ -274,6 +274,8 @@ def dense_ggn(problem: Problem, specs, data: Dataset | None = None) -> np.ndarra
 
     jac, hess = terms(theta, jnp.asarray(data.inputs), jnp.asarray(data.targets))
     jac, hess = np.asarray(jac, np.float64), np.asarray(hess, np.float64)
+    jac = jac.reshape(len(jac), -1, jac.shape[-1])  # sequence outputs [T, V] flattened
+    hess = hess.reshape(len(hess), jac.shape[1], jac.shape[1])
     return np.einsum("nci,ncd,ndj->ij", jac, hess, jac) / len(jac)
 
 

@@ -86,7 +86,7 @@ def test_layer_gradients_match_python_loop(model, shape, loss_name):
         targets = jax.random.normal(jax.random.key(2), outputs.shape)
     apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)
 
-    _, a, g, _, specs = layer_statistics(apply_fn, params, x, loss_cotangents(loss.per_example, targets))
+    _, a, g, _, specs, _ = layer_statistics(apply_fn, params, x, loss_cotangents(loss.per_example, targets))
     check_coverage(params, specs, allow_untracked=False)
     for i in range(x.shape[0]):  # the oracle: one jax.grad per example
         grad_i = jax.grad(lambda p: loss.per_example(apply_fn(p, x[i:i + 1]), targets[i:i + 1])[0])(

@@ -64,19 +64,30 @@ Array = jax.Array
 Params = Any
 
 
+GRANULARITIES = ("sequence", "token", "module")
+
+
 class ScoreSteps(NamedTuple):
     """Compiled steps of the score drivers (build with :func:`build_score_steps`).
 
     Attributes:
-      query: ``(params, factors, batch) -> ({layer: [Qb, in, out]}, nonfinite)``: preconditioned
-        query gradients in score coordinates.
-      pairwise: ``(params, factors, preconditioned, batch) -> ([S, B] scores, nonfinite)``.
-      self: ``(params, factors, batch) -> ([B] self-influence, nonfinite)``.
+      query: ``(params, factors, batch) -> (preconditioned, nonfinite)``: preconditioned query
+        gradients, ``{layer: [Qb, in, out]}`` in score coordinates, or with ``query_rank=r``
+        ``{layer: {"u": [Qb, in, r], "w": [Qb, out, r]}}`` in layer coordinates.
+      pairwise: ``(params, factors, preconditioned, batch) -> (scores, nonfinite)``; scores
+        ``[S, B]``, ``[S, B, T]`` (token) or ``[S, B, L]`` (module).
+      self: ``(params, factors, batch) -> (self-influence, nonfinite)``; ``[B]``, ``[B, T]`` or
+        ``[B, L]``.
     """
 
     query: CompiledStep
     pairwise: CompiledStep
     self: CompiledStep
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
 
 
 def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -> Array:
@@ -90,106 +101,226 @@ def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -
     batch, positions, fan_in = a.shape
     if batch * fan_in * g.shape[-1] * a.dtype.itemsize <= max_gradient_bytes:
         return jnp.einsum("qio,bti,bto->qb", precond, a, g)
+    return jnp.sum(_position_scores(precond, a, g), axis=-1)
+
+
+def _position_scores(precond: Array, a: Array, g: Array) -> Array:
+    """``a_t^T V_q g_t`` per position -> ``[Q, B, T]`` (factored order, no per-example gradient)."""
+    batch, positions, fan_in = a.shape
     num_queries, _, fan_out = precond.shape
     rotated = a.reshape(-1, fan_in) @ jnp.transpose(precond, (1, 0, 2)).reshape(fan_in, -1)
     rotated = rotated.reshape(batch, positions, num_queries, fan_out)
-    return jnp.einsum("btqo,bto->qb", rotated, g)
+    return jnp.einsum("btqo,bto->qbt", rotated, g)
+
+
+def _low_rank_position_scores(factors: dict[str, Array], a: Array, g: Array) -> Array:
+    """``sum_r (a_t . u_qr)(g_t . w_qr)`` per position -> ``[Q, B, T]`` (``r (in + out)`` per pair)."""
+    left = jnp.einsum("bti,qir->qbtr", a, factors["u"])
+    right = jnp.einsum("bto,qor->qbtr", g, factors["w"])
+    return jnp.sum(left * right, axis=-1)
+
+
+def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> dict[str, dict]:
+    """Rank-``rank`` SVD of each layer's preconditioned query gradient (Grosse et al. 2023's
+    query batching), returned in the layers' own coordinates: ``V ~ u w^T``."""
+    bases = block.score_basis(specs, factors)
+    out = {}
+    for s in specs:
+        v = precond[s.name]
+        r = min(rank, s.in_dim, s.out_dim)
+        left, values, right = jnp.linalg.svd(v, full_matrices=False)
+        u = left[..., :r] * values[:, None, :r]
+        w = jnp.swapaxes(right[:, :r, :], 1, 2)
+        qa, qg = bases[s.name]
+        out[s.name] = {"u": u if qa is None else qa @ u, "w": w if qg is None else qg @ w}
+    return out
+
+
+def token_map(calls: tuple[int, ...], length: int, name: str) -> np.ndarray:
+    """``[P, T]`` 0/1 matrix sending a layer's positions (its calls concatenated) to input tokens.
+
+    A call over ``T`` positions maps position ``t`` to token ``t``; over ``k T`` positions
+    (position-major, e.g. ``[T, heads]``) position ``p`` to token ``p // k``.
+    """
+    blocks = []
+    for positions in calls:
+        if positions % length:
+            raise ValueError(f"layer {name!r} has a call over {positions} positions, which do not map "
+                             f"onto the {length} input tokens; per-token scores need every tracked "
+                             "layer to act per token (select layers with layers=... when fitting).")
+        blocks.append(np.eye(length, dtype=np.float32)[np.arange(positions) // (positions // length)])
+    return np.concatenate(blocks, axis=0)
+
+
+def _reduce(per_layer: dict[str, Array], calls, granularity: str, length: int | None) -> Array:
+    """Per-layer ``[Q, B, P_l]`` (or ``[Q, B]``) contributions -> the requested granularity."""
+    if granularity == "sequence":
+        return sum(per_layer.values())
+    if granularity == "module":
+        return jnp.stack([per_layer[n] for n in per_layer], axis=-1)
+    total = 0.0
+    for name, values in per_layer.items():
+        total = total + values @ jnp.asarray(token_map(calls[name], length, name))
+    return total
 
 
 def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, ...], *,
                       loss: Loss | None, measurement: MeasurementFn | None = None,
                       mesh: jax.sharding.Mesh | None = None,
-                      max_gradient_bytes: int = 2**28) -> ScoreSteps:
+                      max_gradient_bytes: int = 2**28, granularity: str = "sequence",
+                      query_rank: int | None = None) -> ScoreSteps:
     """Compiled query, pairwise and self-influence steps for one model, loss and curvature block.
 
     Hold the result and pass ``steps=`` to :func:`pairwise_scores` / :func:`self_scores` to score
-    many times without tracing again.
+    many times without tracing again. ``granularity`` and ``query_rank`` are as in
+    :func:`pairwise_scores`.
     """
     block = get_block(strategy)
     loss = None if loss is None else check_loss(loss)
+    check_granularity(granularity)
+    if query_rank is not None and (int(query_rank) != query_rank or query_rank < 1):
+        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
     mesh = make_data_mesh(1) if mesh is None else mesh
     max_gradient_bytes = int(max_gradient_bytes)
+    per_position = granularity == "token"
 
     def training_cotangents(batch):
         if loss is None:
             raise ValueError("these score steps were built with loss=None (query gradients only).")
         return loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
 
+    def capture(params, batch, cot):
+        return layer_statistics(apply_fn, params, batch["inputs"], cot, batch.get("input_mask"))
+
     def query(params, factors, batch):
         if measurement is None:
             raise ValueError("these score steps were built without a measurement.")
         cot = loss_cotangents(measurement, batch["targets"], batch["mask"])
-        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
-                                                  batch.get("input_mask"))
-        grads = {n: layer_gradients(a[n], g[n])[0] for n in a}
+        captured = capture(params, batch, cot)
+        outputs = captured.outputs
+        g = {n: v[0] for n, v in captured.g.items()}
+        precond = block.query_from_factors(specs, factors, captured.a, g)
+        if query_rank is not None:
+            precond = _low_rank(block, specs, factors, precond, int(query_rank))
         values = jnp.where(batch["mask"] > 0, measurement(outputs, batch["targets"]), 0.0)
         bad = nonfinite_count(outputs, values, cot(outputs))
-        return block.query_transform(specs, factors, grads), bad
+        return precond, bad
 
     def pairwise(params, factors, precond, batch):
-        cot = training_cotangents(batch)
-        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
-                                                  batch.get("input_mask"))
-        a, g = block.train_transform(specs, factors, a, g)
-        total = sum(_layer_scores(precond[s.name], a[s.name], g[s.name][0], max_gradient_bytes)
-                    for s in specs)
-        return -total, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
+        captured = capture(params, batch, training_cotangents(batch))
+        if query_rank is None:
+            a, g = block.train_transform(specs, factors, captured.a, captured.g)
+        else:
+            a, g = captured.a, captured.g
+        per_layer = {}
+        for s in specs:
+            x, y = a[s.name], g[s.name][0]
+            if query_rank is not None:
+                values = _low_rank_position_scores(precond[s.name], x, y)
+                per_layer[s.name] = values if per_position else jnp.sum(values, axis=-1)
+            elif per_position:
+                per_layer[s.name] = _position_scores(precond[s.name], x, y)
+            else:
+                per_layer[s.name] = _layer_scores(precond[s.name], x, y, max_gradient_bytes)
+        total = _reduce(per_layer, captured.calls, granularity, batch["inputs"].shape[1]
+                        if per_position else None)
+        return -total, jax.lax.psum(nonfinite_count(captured.outputs), DATA_AXIS)
 
     def self_influence(params, factors, batch):
-        cot = training_cotangents(batch)
-        outputs, a, g, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
-                                                  batch.get("input_mask"))
-        values = block.self_quadratic(specs, factors, a, g)
-        return values, jax.lax.psum(nonfinite_count(outputs), DATA_AXIS)
+        captured = capture(params, batch, training_cotangents(batch))
+        if granularity == "sequence":
+            values = block.self_quadratic(specs, factors, captured.a, captured.g)
+        else:
+            own = block.query_from_factors(specs, factors, captured.a,
+                                           {n: v[0] for n, v in captured.g.items()})
+            a, g = block.train_transform(specs, factors, captured.a, captured.g)
+            per_layer = {}
+            for s in specs:  # <a_t g_t^T, (F + damping)^-1 DW_b> per position, own example only
+                rotated = jnp.einsum("bti,bio->bto", a[s.name], own[s.name])
+                contrib = jnp.sum(rotated * g[s.name][0], axis=-1)
+                per_layer[s.name] = contrib if per_position else jnp.sum(contrib, axis=-1)
+            values = _reduce(per_layer, captured.calls, granularity,
+                             batch["inputs"].shape[1] if per_position else None)
+        return values, jax.lax.psum(nonfinite_count(captured.outputs), DATA_AXIS)
 
     # check_vma=False: capture's zero perturbations are device-local (see curvature.fit).
     sharded_pairwise = jax.shard_map(pairwise, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
                                      out_specs=(P(None, DATA_AXIS), P()), check_vma=False)
     sharded_self = jax.shard_map(self_influence, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
                                  out_specs=(P(DATA_AXIS), P()), check_vma=False)
-    return ScoreSteps(CompiledStep(query, name=f"{block.name}:query"),
-                      CompiledStep(sharded_pairwise, name=f"{block.name}:pairwise"),
-                      CompiledStep(sharded_self, name=f"{block.name}:self"))
+    tag = f"{block.name}:{granularity}" + ("" if query_rank is None else f":r{query_rank}")
+    return ScoreSteps(CompiledStep(query, name=f"{tag}:query"),
+                      CompiledStep(sharded_pairwise, name=f"{tag}:pairwise"),
+                      CompiledStep(sharded_self, name=f"{tag}:self"))
 
 
 def _check_inputs(apply_fn, params, curvature, dataset, role, kind):
     if not isinstance(curvature, Curvature):
         raise TypeError(f"curvature must be a tda_jax.curvature.Curvature from fit_curvature; got "
                         f"{type(curvature).__name__}.")
-    specs, num_outputs = inspect_model(apply_fn, params, dataset, role, allow_untracked=True)
-    check_compatible(curvature, specs, role)
+    info = inspect_model(apply_fn, params, dataset, role, allow_untracked=True)
+    check_compatible(curvature, info.specs, role)
     if kind is not None:
-        check_targets(dataset.targets, num_outputs, kind, f"{role}.targets")
+        check_targets(dataset.targets, info.num_outputs, kind, f"{role}.targets", info.positions)
+    return info
 
 
 def _query_plan(curvature: Curvature, num_queries: int, query_batch_size: int,
-                max_query_bytes: int) -> tuple[int, int]:
+                max_query_bytes: int, query_rank: int | None) -> tuple[int, int]:
     """``(query block, super-block)`` sizes: blocks of ``query_batch_size`` within the byte budget."""
     if query_batch_size < 1:
         raise ValueError(f"query_batch_size must be >= 1, got {query_batch_size}.")
-    per_query = 4 * curvature.num_params
-    block = max(1, min(query_batch_size, max_query_bytes // per_query, num_queries))
-    blocks = max(1, max_query_bytes // (per_query * block))
+    if query_rank is None:
+        per_query = 4 * curvature.num_params
+    else:  # the rank-r factors kept per query, plus one block's full gradients while factoring
+        per_query = 4 * sum(min(query_rank, s.in_dim, s.out_dim) * (s.in_dim + s.out_dim)
+                            for s in curvature.specs)
+    full = 4 * curvature.num_params
+    block = max(1, min(query_batch_size, max_query_bytes // full, num_queries))
+    blocks = max(1, (max_query_bytes - (0 if query_rank is None else full * block))
+                 // (per_query * block))
     blocks = min(blocks, -(-num_queries // block))
     return block, block * blocks
 
 
+def _score_shape(granularity: str, curvature: Curvature, dataset: Dataset) -> tuple[int, ...]:
+    if granularity == "token":
+        if np.ndim(dataset.inputs) < 2:
+            raise ValueError("granularity='token' needs sequence inputs [N, T].")
+        return (int(np.shape(dataset.inputs)[1]),)
+    if granularity == "module":
+        return (len(curvature.specs),)
+    return ()
+
+
 def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, queries: Dataset,
                     train: Dataset, *, loss: Loss, measurement: MeasurementFn,
+                    granularity: str = "sequence", query_rank: int | None = None,
                     query_batch_size: int = 64, train_batch_size: int = 256,
                     mesh: jax.sharding.Mesh | None = None, max_gradient_bytes: int = 2**28,
                     max_query_bytes: int = 2**28, steps: ScoreSteps | None = None) -> np.ndarray:
-    """Influence of every training example on every query.
+    """Influence of every training example (or token, or layer) on every query.
 
     Args:
-      apply_fn: ``(params, inputs) -> outputs [B, C]`` (the same one the curvature was fit with).
+      apply_fn: ``(params, inputs) -> outputs [B, C]`` or ``[B, T, V]`` (the same one the
+        curvature was fit with).
       params: trained parameters.
-      curvature: from :func:`tda_jax.curvature.fit_curvature` on this model.
+      curvature: from :func:`tda_jax.curvature.fit_curvature` on this model; its layers are the
+        ones scored.
       queries: query examples; their ``targets`` feed ``measurement`` (checked if the measurement
-        declares ``target_kind``, as :func:`tda_jax.losses.classification_margin` does).
+        declares ``target_kind``, as :func:`tda_jax.losses.classification_margin` and
+        :func:`tda_jax.losses.completion_log_prob` do).
       train: training examples (targets checked against ``loss``).
       loss: training loss (its per-example gradient is the training-side vector).
-      measurement: ``(outputs [B, C], targets) -> [B]`` measured on queries.
+      measurement: ``(outputs, targets) -> [B]`` measured on queries.
+      granularity: ``"sequence"`` (one score per training example, ``[Q, N]``), ``"token"`` (the
+        contribution of each training input token, ``[Q, N, T]``; sums to the sequence score) or
+        ``"module"`` (per tracked layer in ``curvature.specs`` order, ``[Q, N, L]``; sums to the
+        sequence score).
+      query_rank: if set, each layer's preconditioned query gradient is replaced by its rank-r SVD
+        and scores are contracted in factored form (Grosse et al. 2023's query batching): the cost
+        per (query, training position) falls from ``in x out`` to ``r (in + out)``. Exact when
+        ``r >= min(in, out)``.
       query_batch_size: queries whose gradients are computed together.
       train_batch_size: training examples per step (rounded up to the device count).
       mesh: mesh with a ``"data"`` axis over which training batches are sharded.
@@ -197,12 +328,15 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
         allowed; above it the factored contraction is used (0 forces it everywhere).
       max_query_bytes: memory for preconditioned queries held at once (a super-block); each
         training batch is captured once per super-block.
-      steps: compiled steps from :func:`build_score_steps` to reuse (built here if None).
+      steps: compiled steps from :func:`build_score_steps` to reuse (built here if None; must
+        match ``granularity`` and ``query_rank``).
 
     Returns:
-      ``[num_queries, num_train]`` float32 scores (sign convention in the module docstring).
+      float32 scores ``[num_queries, num_train]`` (``[..., T]`` / ``[..., L]`` by granularity; sign
+      convention in the module docstring).
     """
     loss = check_loss(loss)
+    check_granularity(granularity)
     _check_inputs(apply_fn, params, curvature, queries, "query", target_kind_of(measurement))
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
     mesh = make_data_mesh(1) if mesh is None else mesh
@@ -211,11 +345,13 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     if steps is None:
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
                                   measurement=measurement, mesh=mesh,
-                                  max_gradient_bytes=max_gradient_bytes)
-    block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes)
+                                  max_gradient_bytes=max_gradient_bytes, granularity=granularity,
+                                  query_rank=query_rank)
+    block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes,
+                                     query_rank)
     params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
     sharding = data_sharding(mesh)
-    scores = np.zeros((num_q, num_t), np.float32)
+    scores = np.zeros((num_q, num_t, *_score_shape(granularity, curvature, train)), np.float32)
     for q0 in range(0, num_q, super_block):
         q1 = min(q0 + super_block, num_q)
         precond = _preconditioned_queries(steps.query, params, factors, queries, q0, q1, block,
@@ -236,8 +372,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
 
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):
     """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows."""
-    rows = np.arange(q0, q1)
-    part = subset(queries, rows)
+    part = subset(queries, np.arange(q0, q1))
     chunks, first_bad = [], jnp.int32(-1)
     for number, batch in enumerate(batch_iterator(part, block)):
         grads, bad = step(params, factors, jax.device_put(batch))
@@ -248,28 +383,38 @@ def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super
         raise FloatingPointError(
             f"non-finite model outputs or measurement on the query batch holding examples "
             f"{lo}..{min(lo + block, q1) - 1}; check the query data and targets.")
-    stacked = {n: jnp.concatenate([c[n] for c in chunks])[: q1 - q0] for n in chunks[0]}
     pad = super_block - (q1 - q0)
-    if pad > 0:
-        stacked = {n: jnp.pad(v, ((0, pad), (0, 0), (0, 0))) for n, v in stacked.items()}
-    return stacked
+
+    def stack(*parts):
+        value = jnp.concatenate(parts)[: q1 - q0]
+        return value if pad <= 0 else jnp.pad(value, ((0, pad),) + ((0, 0),) * (value.ndim - 1))
+
+    return jax.tree.map(stack, *chunks)
 
 
 def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: Dataset, *,
-                loss: Loss, batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
+                loss: Loss, granularity: str = "sequence", batch_size: int = 256,
+                mesh: jax.sharding.Mesh | None = None,
                 steps: ScoreSteps | None = None) -> np.ndarray:
     """Self-influence ``grad loss_i^T (F + damping)^{-1} grad loss_i`` of each training example.
 
+    With ``granularity="token"`` (``"module"``) it is split into the contribution of each input
+    token (layer): ``<a_t g_t^T, (F + damping)^-1 DW_i>`` summed over the layer's positions at that
+    token; the parts sum to the sequence value.
+
     Returns:
-      ``[num_train]`` float32, non-negative.
+      ``[num_train]`` float32, non-negative (``[num_train, T]`` / ``[num_train, L]`` by
+      granularity; the parts may be negative).
     """
     loss = check_loss(loss)
+    check_granularity(granularity)
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
     mesh = make_data_mesh(1) if mesh is None else mesh
     batch_size = round_batch_size(batch_size, mesh)
     num_t = num_examples(train)
     if steps is None:
-        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh)
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh,
+                                  granularity=granularity)
     params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
     sharding = data_sharding(mesh)
     values, first_bad = [], jnp.int32(-1)
@@ -288,7 +433,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
 def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
                     measurement: MeasurementFn, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
-    specs, _ = inspect_model(apply_fn, params, queries, "query", allow_untracked=True)
+    specs = inspect_model(apply_fn, params, queries, "query", allow_untracked=True).specs
     identity = get_block("identity")
     step = build_score_steps(apply_fn, "identity", specs, loss=None, measurement=measurement).query
     factors = identity.initial_factors(specs)

@@ -15,7 +15,7 @@ loss Hessian's square root it gives the GGN / expected Fisher (``K = C``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +45,20 @@ def align_mask(input_mask: Array, positions: int, name: str) -> Array:
                      "give no input_mask.")
 
 
+class Captured(NamedTuple):
+    """What :func:`layer_statistics` returns for one batch (see there)."""
+
+    outputs: Array
+    a: dict[str, Array]
+    g: dict[str, Array]
+    masks: dict[str, Array]
+    specs: dict[str, LayerSpec]
+    calls: dict[str, tuple[int, ...]]  # positions of each call of a layer, in order
+
+
 def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
                      cotangent_fn: Callable[[Array], Array], input_mask: Array | None = None
-                     ) -> tuple[Array, dict[str, Array], dict[str, Array], dict[str, Array],
-                                dict[str, LayerSpec]]:
+                     ) -> Captured:
     """Layer inputs and output gradients of every tracked layer for one batch.
 
     Args:
@@ -61,9 +71,9 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
         (they add nothing to any statistic) and ``mask = 0``.
 
     Returns:
-      ``(outputs, a, g, masks, specs)`` with ``a[name] [B, T, in_dim]``, ``g[name] [K, B, T, out_dim]``
-      and ``masks[name] [B, T]`` (1 for real positions), all calls of a shared layer concatenated
-      along ``T``. For a transposed call (``Embed.attend``) the roles swap: its ``a`` part is the
+      ``Captured(outputs, a, g, masks, specs, calls)`` with ``a[name] [B, T, in_dim]``,
+      ``g[name] [K, B, T, out_dim]`` and ``masks[name] [B, T]`` (1 for real positions), all calls
+      of a shared layer concatenated along ``T``; ``calls[name]`` gives each call's positions. For a transposed call (``Embed.attend``) the roles swap: its ``a`` part is the
       output gradient and its ``g`` part the call's input, so such a layer needs ``K = 1`` (one
       cotangent per example: a loss or measurement gradient, or the sampled/empirical Fisher).
     """
@@ -85,7 +95,7 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
                          f"{cotangents.shape}.")
     (g_by_call,) = jax.vmap(vjp_fn)(cotangents.astype(outputs.dtype))
     batch, num_k = outputs.shape[0], cotangents.shape[0]
-    a, g, masks = {}, {}, {}
+    a, g, masks, call_positions = {}, {}, {}, {}
     for name, spec in specs.items():
         a_parts, g_parts, m_parts = [], [], []
         for number, (x, is_transposed) in enumerate(zip(call_inputs[name], transposed[name])):
@@ -111,10 +121,11 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
             a_parts.append(a_part)
             g_parts.append(g_part)
             m_parts.append(m_part)
+        call_positions[name] = tuple(int(part.shape[1]) for part in a_parts)
         a[name] = jnp.concatenate(a_parts, axis=1)
         g[name] = jnp.concatenate(g_parts, axis=2)
         masks[name] = jnp.concatenate(m_parts, axis=1)
-    return outputs, a, g, masks, specs
+    return Captured(outputs, a, g, masks, specs, call_positions)
 
 
 def layer_gradients(a: Array, g: Array) -> Array:

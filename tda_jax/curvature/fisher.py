@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from tda_jax.losses import Loss
+from tda_jax.losses import IGNORE, Loss, token_positions
 
 Array = jax.Array
 
@@ -36,7 +36,8 @@ def check_fisher_type(fisher: str) -> None:
 def fisher_cotangents(loss: Loss, fisher: str, targets: Array, mask: Array,
                       key: Array | None = None, index: Array | None = None,
                       num_samples: int = 1) -> Callable[[Array], Array]:
-    """Builds ``outputs [B, C] -> cotangents [K, B, C]`` for one batch.
+    """Builds ``outputs [B, C] -> cotangents [K, B, C]`` for one batch (``[K, B, T, V]`` for
+    sequence losses, whose positions without a target get zero cotangents).
 
     Args:
       loss: the training loss.
@@ -53,9 +54,13 @@ def fisher_cotangents(loss: Loss, fisher: str, targets: Array, mask: Array,
     """
     check_fisher_type(fisher)
     mask = mask.astype(jnp.float32)
+    tokens = loss.target_kind == "token"  # sequence outputs [B, T, V]: only target positions count
+    if tokens:
+        mask = mask[:, None] * token_positions(targets)
 
-    def masked(v: Array) -> Array:  # v: [K, B, C]
-        return v * jnp.reshape(mask, (1, -1) + (1,) * (v.ndim - 2)).astype(v.dtype)
+    def masked(v: Array) -> Array:  # v: [K, B, C] or [K, B, T, V]
+        shape = (1, *mask.shape) + (1,) * (v.ndim - 1 - mask.ndim)
+        return v * jnp.reshape(mask, shape).astype(v.dtype)
 
     def loss_grad(outputs: Array, tgt: Array) -> Array:
         return jax.grad(lambda o: jnp.sum(loss.per_example(o, tgt)))(outputs)
@@ -75,6 +80,8 @@ def fisher_cotangents(loss: Loss, fisher: str, targets: Array, mask: Array,
         def one_sample(s):
             sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, s))(keys)
             tgt = jax.vmap(lambda k, o: loss.sample_targets(k, o[None])[0])(sample_keys, outputs)
+            if tokens:  # keep IGNORE where the data has no target
+                tgt = jnp.where(targets >= 0, tgt, IGNORE)
             return loss_grad(outputs, jax.lax.stop_gradient(tgt))
 
         v = jax.vmap(one_sample)(jnp.arange(num_samples))

@@ -15,15 +15,22 @@ produced them); a rerun reuses finished passes and refuses different arguments.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tda_jax.capture.layers import ApplyFn, LayerSpec, check_coverage, output_shapes
+from tda_jax.capture.layers import (
+    SUPPORTED_LAYERS,
+    ApplyFn,
+    LayerSpec,
+    check_coverage,
+    output_shapes,
+)
 from tda_jax.capture.statistics import layer_statistics
 from tda_jax.compile import CompiledStep
 from tda_jax.curvature.blocks import CurvatureBlock, check_damping, get_block
@@ -39,44 +46,114 @@ Array = jax.Array
 Params = Any
 
 
+class ModelInfo(NamedTuple):
+    """What :func:`inspect_model` found: the selected layers and the output shape."""
+
+    specs: tuple[LayerSpec, ...]
+    num_outputs: int
+    positions: int | None  # T of sequence outputs [B, T, V]; None for [B, C]
+    untracked: tuple[str, ...]
+
+
+def select_layers(specs: dict[str, LayerSpec], layers: str | Sequence[str] | None
+                  ) -> dict[str, LayerSpec]:
+    """The tracked layers chosen by ``layers``: a regular expression searched in each layer's name
+    (e.g. ``"mlp"`` for the MLP layers only, as Grosse et al. 2023 did), a list of exact names, or
+    None for all."""
+    if layers is None:
+        return specs
+    if isinstance(layers, str):
+        pattern = re.compile(layers)
+        chosen = {n: s for n, s in specs.items() if pattern.search(n)}
+    else:
+        missing = sorted(set(layers) - set(specs))
+        if missing:
+            raise ValueError(f"layers={missing} are not tracked layers of the model; tracked: "
+                             f"{sorted(specs)}.")
+        chosen = {n: s for n, s in specs.items() if n in set(layers)}
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects none of the model's tracked layers "
+                         f"{sorted(specs)}.")
+    return chosen
+
+
+def _check_token_ids(dataset: Dataset, specs: dict[str, LayerSpec], role: str) -> None:
+    """Integer inputs of a model with an embedding must be ids in ``[0, vocabulary)`` (an
+    out-of-range id would be clamped by the lookup and give silently wrong numbers)."""
+    inputs = np.asarray(dataset.inputs)
+    embeds = [s for s in specs.values() if s.kind == "embed"]
+    if not embeds or not np.issubdtype(inputs.dtype, np.integer):
+        return
+    vocab = embeds[0].in_dim  # the first embedding the model calls: its token embedding
+    flat = inputs.reshape(len(inputs), -1)
+    if dataset.input_mask is not None:
+        flat = np.where(np.asarray(dataset.input_mask).reshape(len(inputs), -1) > 0, flat, 0)
+    bad = np.flatnonzero(np.any((flat < 0) | (flat >= vocab), axis=1))
+    if bad.size:
+        row = int(bad[0])
+        ids = flat[row][(flat[row] < 0) | (flat[row] >= vocab)]
+        raise ValueError(f"{role}.inputs rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} hold "
+                         f"token ids outside [0, {vocab}) (the vocabulary of layer "
+                         f"{embeds[0].name!r}); e.g. row {row} has {ids[:5].tolist()}.")
+
+
 def inspect_model(apply_fn: ApplyFn, params: Params, dataset: Dataset, role: str = "train",
-                  allow_untracked: bool = False) -> tuple[tuple[LayerSpec, ...], int]:
-    """Tracked layers and number of outputs of the model, checked on one example of ``dataset``.
+                  allow_untracked: bool = True, layers: str | Sequence[str] | None = None
+                  ) -> ModelInfo:
+    """Tracked layers and output shape of the model, checked on one example of ``dataset``.
+
+    Outputs are ``[B, C]`` (a classifier or regressor) or ``[B, T, V]`` (a sequence model). Parameters
+    outside Kronecker-structured layers (LayerNorm scales, positional tables, ...) are left out of
+    attribution and listed in ``untracked`` (an error with ``allow_untracked=False``).
 
     Raises:
-      ValueError: empty data, untracked parameters, outputs not ``[batch, outputs]``, or a
-        ``dataset.num_classes`` that disagrees with the model's outputs.
+      ValueError: empty data, untracked parameters when not allowed, outputs of another rank, token
+        ids outside the embedding's vocabulary, a ``dataset.num_classes`` that disagrees with the
+        model's outputs, or a ``layers`` selection that matches nothing.
     """
     if num_examples(dataset) == 0:
         raise ValueError(f"the {role} dataset is empty (0 examples); attribution needs at least one.")
     sample = jnp.asarray(np.asarray(dataset.inputs[:1]))
     specs, _, out = output_shapes(apply_fn, params, sample)
-    check_coverage(params, specs, allow_untracked)
-    if getattr(out, "ndim", 2) != 2:
-        raise ValueError(f"apply_fn must return outputs of shape [batch, outputs]; got {out.shape}.")
+    if not specs:
+        raise ValueError(f"the model has no tracked layers; supported: {SUPPORTED_LAYERS}.")
+    _check_token_ids(dataset, specs, role)
+    chosen = select_layers(specs, layers)
+    untracked = tuple(check_coverage(params, chosen, allow_untracked))
+    ndim = getattr(out, "ndim", 2)
+    if ndim not in (2, 3):
+        raise ValueError(f"apply_fn must return outputs of shape [batch, outputs] or, for sequence "
+                         f"models, [batch, positions, vocabulary]; got {out.shape}.")
     num_outputs = int(out.shape[-1])
     num_classes = getattr(dataset, "num_classes", None)
     if num_classes is not None and int(num_classes) != num_outputs:
         raise ValueError(f"the {role} dataset has num_classes={num_classes} but the model returns "
                          f"{num_outputs} outputs; use the model trained on this data.")
-    return tuple(specs[name] for name in sorted(specs)), num_outputs
+    positions = int(out.shape[1]) if ndim == 3 else None
+    return ModelInfo(tuple(chosen[name] for name in sorted(chosen)), num_outputs, positions,
+                     untracked)
 
 
 def discover_layers(apply_fn: ApplyFn, params: Params, dataset: Dataset,
-                    allow_untracked: bool = False) -> tuple[LayerSpec, ...]:
+                    allow_untracked: bool = True, layers: str | Sequence[str] | None = None
+                    ) -> tuple[LayerSpec, ...]:
     """Tracked layers of the model (checked against the parameters and one example batch)."""
-    return inspect_model(apply_fn, params, dataset, allow_untracked=allow_untracked)[0]
+    return inspect_model(apply_fn, params, dataset, allow_untracked=allow_untracked,
+                         layers=layers).specs
 
 
 def check_compatible(curvature: Curvature, specs: tuple[LayerSpec, ...], role: str) -> None:
-    """Refuses a curvature fitted on another model, naming the first difference."""
+    """Refuses a curvature fitted on another model, naming the first difference.
+
+    ``specs`` are all tracked layers of the model; the curvature may use a subset of them.
+    """
     fitted = {s.name: s for s in curvature.specs}
     model = {s.name: s for s in specs}
-    if set(fitted) != set(model):
+    if not set(fitted) <= set(model):
         raise ValueError(f"the curvature was fitted on a model with layers {sorted(fitted)} but the "
                          f"{role} model has layers {sorted(model)}; fit the curvature on this model.")
-    for name, spec in model.items():
-        old = fitted[name]
+    for name, old in fitted.items():
+        spec = model[name]
         if (old.in_dim, old.out_dim, old.kind) != (spec.in_dim, spec.out_dim, spec.kind):
             raise ValueError(
                 f"layer {name!r}: the curvature was fitted on a {old.kind} layer with matrix view "
@@ -131,8 +208,8 @@ def build_fit_steps(apply_fn: ApplyFn, strategy: str | CurvatureBlock, loss: Los
         def step(params, extra, batch):
             cot = fisher_cotangents(loss, fisher, batch["targets"], batch["mask"], key=extra.get("key"),
                                     index=batch["index"], num_samples=num_samples)
-            outputs, a, g, masks, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
-                                                       batch.get("input_mask"))
+            outputs, a, g, masks, _, _ = layer_statistics(apply_fn, params, batch["inputs"], cot,
+                                                          batch.get("input_mask"))
             masks = {n: m * batch["mask"][:, None] for n, m in masks.items()}
             stats = block.statistics(pass_name, specs, a, g, masks, extra["inputs"])
             stats["examples"] = jnp.sum(batch["mask"])
@@ -196,7 +273,8 @@ def _settings(block, loss, fisher, num_samples, damping, eigh_dtype, key, params
         "eigh_dtype": eigh_dtype, "num_train": num_examples(train),
         "key": None if key is None else [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()],
         "params_fingerprint": fingerprint(params),
-        "data_fingerprint": fingerprint(train.inputs, train.targets),
+        "data_fingerprint": fingerprint(train.inputs, train.targets,
+                                        *(() if train.input_mask is None else (train.input_mask,))),
         "layers": [s.name for s in specs],
     }
 
@@ -205,14 +283,17 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
                   strategy: str | CurvatureBlock = "ekfac", loss: Loss, fisher: str = "expected",
                   num_samples: int = 1, damping: float | None = None, batch_size: int = 256,
                   mesh: jax.sharding.Mesh | None = None, key: Array | None = None,
-                  allow_untracked: bool = False, eigh_dtype: str = "float64",
+                  allow_untracked: bool = True, layers: str | Sequence[str] | None = None,
+                  eigh_dtype: str = "float64",
                   stage_dir: str | None = None,
                   steps: dict[str, CompiledStep] | None = None) -> Curvature:
     """Fits a curvature estimate of the training loss for influence functions.
 
     Args:
-      apply_fn: ``(params, inputs [B, ...]) -> outputs [B, C]``, e.g. ``model.apply`` with
-        ``params = {"params": ...}`` or ``lambda p, x: model.apply({"params": p}, x)``.
+      apply_fn: ``(params, inputs [B, ...]) -> outputs [B, C]`` (or ``[B, T, V]`` for a sequence
+        model with a sequence loss such as :func:`tda_jax.losses.causal_lm_loss`), e.g.
+        ``model.apply`` with ``params = {"params": ...}``, ``lambda p, x: model.apply({"params": p},
+        x)``, or :func:`tda_jax.models.apply_fn_of` (linen and NNX).
       params: the trained parameters.
       train: training examples (``tda_jax.data.Dataset``); targets are checked against ``loss``.
       strategy: a registered curvature block (``"identity"``, ``"diagonal"``, ``"kfac"``,
@@ -228,7 +309,11 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
         change the result.
       mesh: a mesh with a ``"data"`` axis to shard batches over; default one device.
       key: PRNG key (required for ``fisher="sampled"``).
-      allow_untracked: leave parameters outside tracked layers out instead of raising.
+      allow_untracked: parameters outside Kronecker-structured layers (LayerNorm, positional
+        tables, layers not selected by ``layers``) are left out of attribution and listed in
+        ``curvature.settings["untracked"]``; pass False to make that an error instead.
+      layers: which tracked layers to use: a regular expression searched in layer names (e.g.
+        ``"mlp"``) or a list of names; None for all.
       eigh_dtype: host dtype for eigendecompositions / Cholesky.
       stage_dir: if given, save each pass's statistics there and reuse them on rerun.
       steps: compiled steps from :func:`build_fit_steps` to reuse (built here if None).
@@ -251,10 +336,12 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
     if damping is not None and not block.accepts_damping:
         raise ValueError(f"strategy={block.name!r} has no curvature, so damping={damping} would only "
                          "rescale every score; pass damping=None.")
-    specs, num_outputs = inspect_model(apply_fn, params, train, "train", allow_untracked)
-    check_targets(train.targets, num_outputs, loss.target_kind, "train.targets")
+    info = inspect_model(apply_fn, params, train, "train", allow_untracked, layers)
+    specs = info.specs
+    check_targets(train.targets, info.num_outputs, loss.target_kind, "train.targets", info.positions)
     settings = _settings(block, loss, fisher, num_samples, damping, eigh_dtype, key, params, train,
                          specs)
+    settings["untracked"] = list(info.untracked)
     stage = Stage(stage_dir, settings) if stage_dir is not None else None
     mesh = make_data_mesh(1) if mesh is None else mesh
     if steps is None and block.passes:

@@ -433,7 +433,7 @@ def make_fact_corpus(seed: int = 0, num_entities: int = 48,
     1, 2 or 3 to a sequence.
 
     Defaults give 1920 fact statements (192 facts) and 800 other sentences in about 2200 sequences
-    of at most 26 tokens, a vocabulary of about 330 words.
+    of up to about 28 tokens (``max_len`` 32), a vocabulary of 317 words.
 
     Args:
       seed: seed of ``numpy.random.default_rng``; the same arguments give the same corpus.

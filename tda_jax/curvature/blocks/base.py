@@ -15,6 +15,8 @@ method              what it does                                                
                     gradients ``g`` and position masks (padding already zero in ``a``, ``g``)
 ``finalize``        turns one pass's totals into factors (a pytree), damping included      host
 ``query_transform`` ``(F + damping)^-1 v`` expressed in the block's *score coordinates*    traced
+``query_from_factors`` the same from the query's captured ``a``, ``g`` (no full gradient      traced
+                    rotation where the rank-1 factors are cheaper to rotate)
 ``train_transform`` the training side's ``a``, ``g`` mapped into the same coordinates       traced
 ``precondition``    ``(F + damping)^-1 v`` in the layers' own coordinates                 traced
 ``self_quadratic``  ``<DW_b, (F + damping)^-1 DW_b>`` per example                         traced
@@ -145,10 +147,21 @@ class CurvatureBlock:
         """``(F + damping)^-1 v`` for ``v[layer] [Q, in, out]``, in score coordinates."""
         raise NotImplementedError
 
+    def query_from_factors(self, specs, factors: Factors, a: Mapping[str, Array],
+                           g: Mapping[str, Array]) -> dict[str, Array]:
+        """:meth:`query_transform` of the gradients ``sum_t a_t g_t^T`` (``a [Q, T, in]``,
+        ``g [Q, T, out]``); blocks may avoid forming and rotating the full gradients."""
+        grads = {s.name: jnp.einsum("qti,qto->qio", a[s.name], g[s.name]) for s in specs}
+        return self.query_transform(specs, factors, grads)
+
     def train_transform(self, specs, factors: Factors, a: Mapping[str, Array],
                         g: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
         """Training-side ``a [B, T, in]`` and ``g [K, B, T, out]`` in score coordinates."""
         return dict(a), dict(g)
+
+    def score_basis(self, specs, factors: Factors) -> dict[str, tuple[Array | None, Array | None]]:
+        """Per layer ``(Q_A, Q_G)`` with score coordinates ``V' = Q_A^T V Q_G`` (None: identity)."""
+        return {s.name: (None, None) for s in specs}
 
     def precondition(self, specs, factors: Factors, grads: Mapping[str, Array]) -> dict[str, Array]:
         """``(F + damping)^-1 v`` in the layers' matrix coordinates ``[Q, in, out]``."""
@@ -232,6 +245,29 @@ class LayerwiseBlock(CurvatureBlock):
             weights = self._weights(f)
             out[s.name] = v if weights is None else v * weights
         return out
+
+    def query_from_factors(self, specs, factors, a, g):
+        # Rotating the rank-1 factors costs T (in^2 + out^2) per query, rotating the gradient
+        # in out (in + out): per layer, take the cheaper order.
+        out = {}
+        for s in specs:
+            f = factors[s.name]
+            qa, qg = self.basis(f)
+            x, y = a[s.name], g[s.name]
+            positions = x.shape[1]
+            if qa is not None and positions * (s.in_dim ** 2 + s.out_dim ** 2) < \
+                    s.in_dim * s.out_dim * (s.in_dim + s.out_dim):
+                v = jnp.einsum("qti,qto->qio", x @ qa, y @ qg)
+            else:
+                v = jnp.einsum("qti,qto->qio", x, y)
+                if qa is not None:
+                    v = jnp.swapaxes(qa, 0, 1) @ v @ qg
+            weights = self._weights(f)
+            out[s.name] = v if weights is None else v * weights
+        return out
+
+    def score_basis(self, specs, factors):
+        return {s.name: self.basis(factors[s.name]) for s in specs}
 
     def train_transform(self, specs, factors, a, g):
         a_out, g_out = {}, {}
