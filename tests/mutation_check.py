@@ -36,11 +36,12 @@ class Mutation(NamedTuple):
 
 
 ORACLES = ("tests/test_curvature_oracles.py",)
+LM = ("tests/test_lm_attribution.py",)
 
 MUTATIONS = (
     Mutation("kfac_a_summed_over_positions", "tda_jax/curvature/blocks/kfac.py",
-             'return {"A": jnp.einsum("bti,btj->ij", masked_a, a) / a.shape[1],',
-             'return {"A": jnp.einsum("bti,btj->ij", masked_a, a),', ORACLES),
+             '"A_count": jnp.sum(mask),',
+             '"A_count": jnp.sum(mask[:, 0]),', ORACLES),
     Mutation("kfac_g_averaged_over_positions", "tda_jax/curvature/blocks/kfac.py",
              '"G": jnp.einsum("kbto,kbtp->op", g, g)}',
              '"G": jnp.einsum("kbto,kbtp->op", g, g) / g.shape[2]}', ORACLES),
@@ -54,8 +55,24 @@ MUTATIONS = (
              '    return jnp.einsum("bio,io->b", jnp.square(grads), weights)',
              '    return 4.0 * jnp.einsum("bio,io->b", jnp.square(grads), weights)', ORACLES),
     Mutation("positions_reversed_in_factored_scores", "tda_jax/attribution/influence.py",
-             '    return jnp.einsum("btqo,bto->qb", rotated, g)',
-             '    return jnp.einsum("btqo,bto->qb", rotated, g[:, ::-1])', ORACLES),
+             '    return jnp.einsum("btqo,bto->qbt", rotated, g)',
+             '    return jnp.einsum("btqo,bto->qbt", rotated, g[:, ::-1])', ORACLES),
+    Mutation("tied_embedding_attend_use_dropped", "tda_jax/capture/statistics.py",
+             "                a_part = jnp.reshape(grad[0], (batch, -1, spec.in_dim))",
+             "                a_part = 0.0 * jnp.reshape(grad[0], (batch, -1, spec.in_dim))",
+             LM),
+    Mutation("padding_positions_not_masked", "tda_jax/capture/statistics.py",
+             "                    a_part = a_part * m_part[:, :, None]",
+             "                    a_part = a_part", LM),
+    Mutation("ignored_targets_in_fisher", "tda_jax/curvature/fisher.py",
+             "        mask = mask[:, None] * token_positions(targets)",
+             "        mask = mask[:, None] * jnp.ones_like(token_positions(targets))", LM),
+    Mutation("token_scores_shifted_by_one", "tda_jax/attribution/influence.py",
+             "        blocks.append(np.eye(length, dtype=np.float32)[rows])",
+             "        blocks.append(np.roll(np.eye(length, dtype=np.float32), 1, axis=1)[rows])", LM),
+    Mutation("low_rank_query_left_in_eigenbasis", "tda_jax/attribution/influence.py",
+             '        out[s.name] = {"u": u if qa is None else qa @ u, "w": w if qg is None else qg @ w}',
+             '        out[s.name] = {"u": u, "w": w if qg is None else qg @ w}', LM),
     Mutation("csmc_sorted_multinomial_resampling", "tda_jax/probability/csmc.py",
              "    return jax.random.categorical(key, logits, shape=(num_samples,)).astype(jnp.int32)",
              "    return jnp.sort(jax.random.categorical(key, logits, shape=(num_samples,))"

@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from tda_jax.capture.layers import ApplyFn, LayerSpec
-from tda_jax.capture.statistics import layer_gradients, layer_statistics, loss_cotangents
+from tda_jax.capture.statistics import layer_statistics, loss_cotangents
 from tda_jax.compile import CompiledStep
 from tda_jax.curvature.blocks import get_block
 from tda_jax.curvature.estimate import Curvature
@@ -148,7 +148,8 @@ def token_map(calls: tuple[int, ...], length: int, name: str) -> np.ndarray:
             raise ValueError(f"layer {name!r} has a call over {positions} positions, which do not map "
                              f"onto the {length} input tokens; per-token scores need every tracked "
                              "layer to act per token (select layers with layers=... when fitting).")
-        blocks.append(np.eye(length, dtype=np.float32)[np.arange(positions) // (positions // length)])
+        rows = np.arange(positions) // (positions // length)
+        blocks.append(np.eye(length, dtype=np.float32)[rows])
     return np.concatenate(blocks, axis=0)
 
 

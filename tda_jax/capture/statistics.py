@@ -73,9 +73,10 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
     Returns:
       ``Captured(outputs, a, g, masks, specs, calls)`` with ``a[name] [B, T, in_dim]``,
       ``g[name] [K, B, T, out_dim]`` and ``masks[name] [B, T]`` (1 for real positions), all calls
-      of a shared layer concatenated along ``T``; ``calls[name]`` gives each call's positions. For a transposed call (``Embed.attend``) the roles swap: its ``a`` part is the
-      output gradient and its ``g`` part the call's input, so such a layer needs ``K = 1`` (one
-      cotangent per example: a loss or measurement gradient, or the sampled/empirical Fisher).
+      of a shared layer concatenated along ``T``; ``calls[name]`` gives each call's positions.
+      For a transposed call (``Embed.attend``) the roles swap: its ``a`` part is the output
+      gradient and its ``g`` part the call's input, so such a layer needs ``K = 1`` (one cotangent
+      per example: a loss or measurement gradient, or the sampled/empirical Fisher).
     """
     specs, shapes, out_struct = output_shapes(apply_fn, params, inputs)
     dtype = out_struct.dtype if hasattr(out_struct, "dtype") else jnp.float32
