@@ -27,6 +27,19 @@ How the work is laid out (:func:`pairwise_scores`):
   per-example gradients of large layers are never formed.
 * Nothing waits for the host inside the loops: scores and non-finite counts stay on the device until
   a super-block ends.
+* Queries are preconditioned from their captured ``a``, ``g`` (:meth:`CurvatureBlock.query_from_factors`):
+  per layer, rotating the rank-1 factors into the eigenbasis (``T (in^2 + out^2)``) when that is
+  cheaper than rotating the full gradient (``in out (in + out)``), e.g. for every MLP layer.
+
+Sequence models (outputs ``[B, T, V]``, e.g. :class:`tda_jax.models.TransformerLM` with
+:func:`tda_jax.losses.causal_lm_loss` and :func:`tda_jax.losses.completion_log_prob`) are scored the
+same way. ``granularity="token"`` splits each score over the training sequence's input tokens
+(``a_t^T V_q g_t`` summed over the positions of every layer call at token ``t``; ``[Q, N, T]``),
+``granularity="module"`` over tracked layers (``[Q, N, L]``); both sum to the sequence score.
+``query_rank=r`` is the query batching of Grosse et al. (2023): each layer's preconditioned query
+gradient is replaced by its rank-``r`` SVD ``u w^T`` (in the layer's own coordinates, so training
+gradients are not rotated) and the score ``sum_t (a_t . u)(g_t . w)`` costs ``r (in + out)`` per
+query and training position instead of ``in out``.
 
 The compiled steps come from :func:`build_score_steps`, which a caller may build once and pass to
 every call (``steps=``); steps compiled from equal programs share executables
