@@ -35,8 +35,9 @@ Array = jax.Array
 Params = Any
 ApplyFn = Callable[[Params, Any], Array]
 
-SUPPORTED_LAYERS = ("flax.linen Dense, DenseGeneral, Conv, Embed (and Embed.attend), the flax.nnx "
-                    "equivalents, or a layer marked with tag_linear")
+SUPPORTED_LAYERS = ("flax.linen Dense, DenseGeneral, Conv, Embed (and Embed.attend), flax.nnx "
+                    "Linear, LinearGeneral, Conv, Embed (and Embed.attend), or a layer marked with "
+                    "tag_linear")
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,16 @@ class LayerSpec:
             kernel = jnp.reshape(kernel, (*lead, *self.kernel_shape))
         out = {self.param_names[0]: kernel}
         if self.has_bias:
-            out[self.param_names[1]] = matrix[..., rows, :]
+            out[self.param_names[1]] = jnp.reshape(matrix[..., rows, :], (*lead, *self.bias_shape))
         return out
+
+    @property
+    def bias_shape(self) -> tuple[int, ...]:
+        """Shape of the bias: the kernel's trailing (feature) axes, e.g. ``(heads, head_dim)``."""
+        for start in range(len(self.kernel_shape) - 1, -1, -1):
+            if math.prod(self.kernel_shape[start:]) == self.out_dim:
+                return tuple(self.kernel_shape[start:])
+        return (self.out_dim,)
 
 
 @dataclass
@@ -162,7 +171,16 @@ def _dense_general_record(module: nn.DenseGeneral, x: Array) -> tuple[LayerSpec,
     if module.batch_dims:
         raise ValueError(f"layer {name!r}: DenseGeneral with batch_dims is not supported; "
                          "mark the computation with tda_jax.capture.tag_linear instead.")
-    axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    shapes = _param_shapes(module)
+    return _dense_general_call(name, _module_path(module), x, module.axis, shapes["kernel"],
+                               "bias" in shapes)
+
+
+def _dense_general_call(name: str, path: tuple[str, ...], x: Array, axis: Any,
+                        kernel_shape: tuple[int, ...], has_bias: bool) -> tuple[LayerSpec, Array]:
+    """Spec and inputs of a kernel ``[*in_features, *out_features]`` contracting ``axis`` of ``x``
+    (linen ``DenseGeneral``, nnx ``LinearGeneral``): every other non-batch axis is a position."""
+    axis = axis if isinstance(axis, Sequence) else (axis,)
     axis = tuple(sorted(a % x.ndim for a in axis))
     if 0 in axis:
         raise ValueError(f"layer {name!r}: DenseGeneral contracts the batch axis; not supported.")
@@ -170,14 +188,11 @@ def _dense_general_record(module: nn.DenseGeneral, x: Array) -> tuple[LayerSpec,
     x = jnp.transpose(x, (*rest, *axis))
     in_features = math.prod(x.shape[len(rest):])
     a = jnp.reshape(x, (x.shape[0], -1, in_features))
-    shapes = _param_shapes(module)
-    has_bias = "bias" in shapes
     if has_bias:
         a = _with_ones(a)
-    kernel_shape = shapes["kernel"]
     out_dim = math.prod(kernel_shape) // in_features
     spec = LayerSpec(
-        name=name, kind="dense_general", path=_module_path(module),
+        name=name, kind="dense_general", path=path,
         param_names=("kernel", "bias") if has_bias else ("kernel",), kernel_shape=kernel_shape,
         in_dim=in_features + int(has_bias), out_dim=out_dim, has_bias=has_bias,
     )
@@ -205,7 +220,18 @@ def _conv_record(module: nn.Conv, x: Array) -> tuple[LayerSpec, Array]:
                          f"{module.feature_group_count}) are not supported for capture.")
     if isinstance(module, nn.ConvTranspose) or not isinstance(module, nn.Conv):
         raise ValueError(f"layer {name!r}: only flax.linen.Conv is supported.")
-    kernel_size = tuple(module.kernel_size)
+    shapes = _param_shapes(module)
+    return _conv_call(name, _module_path(module), x, shapes["kernel"], "bias" in shapes,
+                      module.kernel_size, module.strides, module.padding, module.input_dilation,
+                      module.kernel_dilation)
+
+
+def _conv_call(name: str, path: tuple[str, ...], x: Array, kernel_shape: tuple[int, ...],
+               has_bias: bool, kernel_size: Sequence[int], strides: Any, padding: Any,
+               input_dilation: Any, kernel_dilation: Any) -> tuple[LayerSpec, Array]:
+    """Spec and im2col inputs of an ungrouped convolution (linen and nnx ``Conv``) of ``x``
+    ``[B, *spatial, in]`` with a kernel ``[*kernel_size, in, out]``."""
+    kernel_size = tuple(kernel_size)
     num_spatial = len(kernel_size)
     if x.ndim != num_spatial + 2:
         raise ValueError(f"layer {name!r}: expected batched input of rank {num_spatial + 2} "
@@ -219,19 +245,17 @@ def _conv_record(module: nn.Conv, x: Array) -> tuple[LayerSpec, Array]:
     spatial = "".join("HWDXYZ"[i] for i in range(num_spatial))
     dims = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
     patches = jax.lax.conv_general_dilated_patches(
-        x, kernel_size, _tuple(module.strides), _conv_padding(module.padding, num_spatial, name),
-        lhs_dilation=_tuple(module.input_dilation), rhs_dilation=_tuple(module.kernel_dilation),
+        x, kernel_size, _tuple(strides), _conv_padding(padding, num_spatial, name),
+        lhs_dilation=_tuple(input_dilation), rhs_dilation=_tuple(kernel_dilation),
         dimension_numbers=dims,
     )
     a = _as_positions(patches, x.shape[0])
-    shapes = _param_shapes(module)
-    has_bias = "bias" in shapes
     if has_bias:
         a = _with_ones(a)
-    kernel_shape = shapes["kernel"]  # [*kernel_size, in, out]; patches order features (in, *kernel)
+    # kernel [*kernel_size, in, out]; patches order features (in, *kernel)
     perm = (num_spatial, *range(num_spatial), num_spatial + 1)
     spec = LayerSpec(
-        name=name, kind="conv", path=_module_path(module),
+        name=name, kind="conv", path=path,
         param_names=("kernel", "bias") if has_bias else ("kernel",), kernel_shape=kernel_shape,
         in_dim=math.prod(kernel_shape[:-1]) + int(has_bias), out_dim=kernel_shape[-1],
         has_bias=has_bias, conv_perm=perm,
@@ -354,10 +378,12 @@ def tag_linear(module: nn.Module, inputs: Array, outputs: Array, kernel: str = "
 
 @contextlib.contextmanager
 def _capturing(perturbations: dict[str, Array] | None):
+    from tda_jax.capture.nnx import nnx_layers_recorded  # nnx.py builds on this module
+
     ctx = _CaptureContext(perturbations=perturbations, records={})
     token = _ACTIVE.set(ctx)
     try:
-        with nn.intercept_methods(_interceptor):
+        with nn.intercept_methods(_interceptor), nnx_layers_recorded():
             yield ctx
     finally:
         _ACTIVE.reset(token)

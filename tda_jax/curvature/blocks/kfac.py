@@ -23,11 +23,14 @@ from tda_jax.curvature.blocks.base import (
 def covariance_sums(a, g, mask):
     """``{"A": sum_{b,t} m a a^T, "A_count": sum m, "G": sum_{k,b,t} g g^T}`` for one batch.
 
-    ``mask [B, T]`` marks real positions of real examples.
+    ``mask [B, T]`` marks real positions of real examples. ``g`` is masked too: for a transposed
+    call (a tied ``Embed.attend``) its ``g`` part is the call's input, not a gradient, so it is not
+    zero on padded rows by itself.
     """
     masked_a = a * mask[:, :, None].astype(a.dtype)
+    masked_g = g * mask[None, :, :, None].astype(g.dtype)
     return {"A": jnp.einsum("bti,btj->ij", masked_a, a), "A_count": jnp.sum(mask),
-            "G": jnp.einsum("kbto,kbtp->op", g, g)}
+            "G": jnp.einsum("kbto,kbtp->op", masked_g, g)}
 
 
 def host_eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
