@@ -12,8 +12,11 @@ Every layer's parameters are viewed as one matrix ``W`` of shape ``[in_dim (+1 f
 that matrix and the Flax parameter tree.
 
 Nothing here changes the model: capture runs the user's ``apply_fn`` inside
-``flax.linen.intercept_methods`` and adds zero *perturbations* to layer outputs so that one
-vector-Jacobian product yields every ``g``.
+``flax.linen.intercept_methods`` (and, for Flax NNX models, with the NNX layers' methods wrapped for
+the duration of the capture: :mod:`tda_jax.capture.nnx`) and adds zero *perturbations* to layer
+outputs so that one vector-Jacobian product yields every ``g``. ``Embed.attend`` (a tied output
+embedding) is recorded as a *transposed* call of the embedding table, so both uses of the shared
+parameter are summed per example.
 """
 
 from __future__ import annotations
