@@ -15,6 +15,7 @@ produced them); a rerun reuses finished passes and refuses different arguments.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -342,6 +343,10 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
     settings = _settings(block, loss, fisher, num_samples, damping, eigh_dtype, key, params, train,
                          specs)
     settings["untracked"] = list(info.untracked)
+    if info.untracked:
+        logging.getLogger(__name__).info(
+            "left out of the curvature (not in a selected Kronecker-structured layer): %s",
+            ", ".join(info.untracked))
     stage = Stage(stage_dir, settings) if stage_dir is not None else None
     mesh = make_data_mesh(1) if mesh is None else mesh
     if steps is None and block.passes:
