@@ -67,8 +67,9 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
       inputs: a batch with leading example axis ``B``.
       cotangent_fn: ``outputs -> cotangents [K, *outputs.shape]``; may close over targets, masks,
         keys.
-      input_mask: optional ``[B, T]`` mask of real input tokens; positions it marks 0 get ``a = 0``
-        (they add nothing to any statistic) and ``mask = 0``.
+      input_mask: optional ``[B, T]`` mask of real input tokens, aligned with each layer call into
+        ``masks`` (curvature statistics such as K-FAC's covariances leave masked positions out).
+        ``a`` and ``g`` are not changed, so ``sum_t a_t g_t^T`` stays the exact gradient.
 
     Returns:
       ``Captured(outputs, a, g, masks, specs, calls)`` with ``a[name] [B, T, in_dim]``,
@@ -115,10 +116,6 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
             m_part = jnp.ones(a_part.shape[:2], a_part.dtype)
             if input_mask is not None:
                 m_part = align_mask(input_mask.astype(a_part.dtype), a_part.shape[1], name)
-                if is_transposed:
-                    g_part = g_part * m_part[None, :, :, None]
-                else:
-                    a_part = a_part * m_part[:, :, None]
             a_parts.append(a_part)
             g_parts.append(g_part)
             m_parts.append(m_part)

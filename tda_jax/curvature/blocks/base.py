@@ -12,7 +12,7 @@ method              what it does                                                
 ``passes``          names of the statistics passes over the training data, in order       static
 ``pass_inputs``     device arrays a pass needs from earlier passes (e.g. eigenbases)       host
 ``statistics``      per-batch partial sums of one pass from layer inputs ``a``, output      traced
-                    gradients ``g`` and position masks (padding already zero in ``a``, ``g``)
+                    gradients ``g`` and position masks (padding rows have ``g = 0``)
 ``finalize``        turns one pass's totals into factors (a pytree), damping included      host
 ``query_transform`` ``(F + damping)^-1 v`` expressed in the block's *score coordinates*    traced
 ``query_from_factors`` the same from the query's captured ``a``, ``g`` (no full gradient      traced
@@ -134,7 +134,9 @@ class CurvatureBlock:
         """Per-batch sums of pass ``pass_name``.
 
         ``a[layer] [B, T, in]``, ``g[layer] [K, B, T, out]`` and ``mask[layer] [B, T]`` (1 for real
-        positions of real examples; ``a`` and ``g`` are already zero elsewhere).
+        positions of real examples). Padded examples have ``g = 0``; padded tokens of a causal
+        model with masked targets do too, but their ``a`` is not zero: covariances of inputs (and
+        of a transposed call's ``g`` side) must apply the mask.
         """
         raise NotImplementedError
 
