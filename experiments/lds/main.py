@@ -2,7 +2,11 @@
 
 Usage::
 
-    python -m experiments.lds.main --config=experiments/lds/configs/default.py[:tiny] --workdir=DIR
+    python -m experiments.lds.main --config=experiments/lds/configs/default.py[:tiny] --workdir=DIR \
+        [--overwrite]
+
+A rerun reuses finished stages; a stage whose finished work was made with other settings is
+refused (naming them) unless ``--overwrite`` is given.
 """
 
 import os
@@ -14,6 +18,10 @@ from experiments.lds.pipeline import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment configuration file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for stages, results.json and figures")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "recompute stages whose finished work was made with other settings (deleting it) instead of "
+    "refusing; stages with the same settings are still reused")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +33,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         ).strip()
-    run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Work directory layout (every stage is a :class:`tda_jax.io.Stage` with its saved
     DIR/lds.png           bar chart with 95% CIs and the noise ceiling
     DIR/lds_per_query.npz per-query LDS of every method and the per-query ceiling
 
-A rerun reuses every finished stage (and finished chunks or ensemble members of an interrupted
-one). Every stage's arguments are checked before any work starts, so a changed setting raises
-:class:`tda_jax.io.ArgumentMismatchError` naming it, and ``results.json`` is only rewritten after
-every stage agreed with the configuration.
+Every config value is checked first (:func:`validate_config`), so a typo fails in seconds. A rerun
+reuses every finished stage (and finished chunks or ensemble members of an interrupted one). Every
+stage's arguments are checked before any work starts, so a changed setting of a stage holding
+finished work raises :class:`tda_jax.io.ArgumentMismatchError` naming it (``overwrite=True``, the
+``--overwrite`` flag, recomputes such stages instead), and ``results.json`` is only rewritten after
+every stage agreed with the configuration. A stage with no finished work is simply restarted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments import config_checks as check
 from tda_jax import attribution, data, losses, models, training
+from tda_jax.curvature import FISHER_TYPES
+from tda_jax.curvature.blocks import get_block, registered_blocks
 from tda_jax.evaluation import (
     lds,
     noise_ceiling,
@@ -38,8 +43,66 @@ from tda_jax.evaluation import (
     summarize,
 )
 from tda_jax.evaluation.figures import plot_lds_bars
-from tda_jax.io import Stage, write_json
+from tda_jax.io import Stage, allow_overwrite, write_json, write_npz
 from tda_jax.progress import progress
+from tda_jax.training.config import OPTIMIZERS
+
+DATA_NAMES = ("mnist1d",)
+MODEL_NAMES = ("mlp",)
+_METHOD_FIELDS = ("strategy", "fisher", "damping", "ensemble_size")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every value of the experiment's config before any stage runs.
+
+    Raises:
+      ValueError: naming the first offending field (``config.methods.kfac.strategy``), its value
+        and what it must be (e.g. the registered curvature strategies).
+    """
+    check.known_fields(config, "", ("seed", "fast_compile", "data", "num_queries", "model",
+                                    "train", "lds", "methods", "exact_max_params",
+                                    "curvature_batch_size", "query_batch_size",
+                                    "train_batch_size"))
+    check.integer(config, "seed")
+    check.boolean(config, "fast_compile")
+    check.known_fields(config, "data", ("name", "num_train", "num_test", "seed"))
+    check.choice(config, "data.name", DATA_NAMES)
+    check.positive_int(config, "data.num_train")
+    num_test = check.positive_int(config, "data.num_test")
+    check.integer(config, "data.seed")
+    check.integer(config, "num_queries", minimum=1, maximum=num_test)
+    check.known_fields(config, "model", ("name", "hidden_sizes"))
+    check.choice(config, "model.name", MODEL_NAMES)
+    check.int_sequence(config, "model.hidden_sizes")
+    check.known_fields(config, "train", ("num_epochs", "batch_size", "learning_rate",
+                                         "weight_decay", "optimizer"))
+    check.positive_int(config, "train.num_epochs")
+    check.positive_int(config, "train.batch_size")
+    check.real(config, "train.learning_rate", minimum=0.0, strict=True)
+    check.real(config, "train.weight_decay", minimum=0.0)
+    check.choice(config, "train.optimizer", OPTIMIZERS)
+    check.known_fields(config, "lds", ("num_subsets", "fraction", "seeds_per_subset",
+                                       "models_per_chunk"))
+    # Spearman correlations over subsets need at least two subsets.
+    check.integer(config, "lds.num_subsets", minimum=2)
+    check.fraction(config, "lds.fraction")
+    check.positive_int(config, "lds.seeds_per_subset")
+    check.positive_int(config, "lds.models_per_chunk")
+    if not check.get(config, "methods"):
+        check.fail("methods", check.get(config, "methods"), "name at least one method")
+    for name in config.methods:
+        field = f"methods.{name}"
+        check.known_fields(config, field, _METHOD_FIELDS)
+        strategy = check.choice(config, f"{field}.strategy", registered_blocks())
+        check.choice(config, f"{field}.fisher", FISHER_TYPES)
+        damping = check.real(config, f"{field}.damping", minimum=0.0, allow_none=True)
+        if damping is not None and not get_block(strategy).accepts_damping:
+            check.fail(f"{field}.damping", damping,
+                       f"strategy {strategy!r} has no curvature to damp; set it to None")
+        check.positive_int(config, f"{field}.ensemble_size")
+    check.positive_int(config, "exact_max_params")
+    for field in ("curvature_batch_size", "query_batch_size", "train_batch_size"):
+        check.positive_int(config, field)
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[data.Dataset, data.Dataset]:
@@ -371,7 +434,7 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: Path, results: dic
                   arrays: dict[str, np.ndarray]) -> None:
     """``results.json``, ``lds_per_query.npz`` and the bar chart ``lds.png``."""
     write_json(workdir / "results.json", results)
-    np.savez(workdir / "lds_per_query.npz", **arrays)
+    write_npz(workdir / "lds_per_query.npz", arrays)
     plot_lds_bars(
         results["lds"],
         workdir / "lds.png",
@@ -385,24 +448,34 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: Path, results: dic
     logging.info("LDS: %s", json.dumps(results["lds"]))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | Path,
+        overwrite: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the LDS experiment and writes ``workdir/results.json`` and the figure.
 
-    Stages in order: open every stage (settings checked first), ground truth, full-data models,
-    scores per method, LDS and outputs.
+    Order: :func:`validate_config`, then open every stage (settings checked first), ground truth,
+    full-data models, scores per method, LDS and outputs.
 
     Args:
       config: see ``experiments/lds/configs/default.py``.
       workdir: the work directory; its finished stages are reused.
+      overwrite: recompute stages whose finished work was made with other settings (deleting it;
+        each is logged) instead of raising. Stages with the same settings are still reused.
 
     Returns:
       The results dictionary written to ``results.json``.
 
     Raises:
-      tda_jax.io.ArgumentMismatchError: if a stage in ``workdir`` was made with other settings.
+      ValueError: naming an invalid config field, before any work.
+      tda_jax.io.ArgumentMismatchError: if a stage in ``workdir`` holds finished work made with
+        other settings and ``overwrite`` is false.
     """
+    validate_config(config)
+    with allow_overwrite(overwrite):
+        return _run(config, Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
     problem = make_problem(config)

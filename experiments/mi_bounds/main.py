@@ -1,7 +1,10 @@
 """Launches the MI-bounds experiment: ``--config`` (ml_collections config file) and ``--workdir``.
 
     python -m experiments.mi_bounds.main --config=experiments/mi_bounds/configs/default.py \
-        --workdir=workdirs/mi_bounds
+        --workdir=workdirs/mi_bounds [--overwrite]
+
+A rerun reuses finished stages; a stage whose finished work was made with other settings is
+refused (naming them) unless ``--overwrite`` is given.
 """
 
 import os
@@ -13,6 +16,10 @@ from experiments.mi_bounds.run import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, figures and stages.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "recompute stages whose finished work was made with other settings (deleting it) instead of "
+    "refusing; stages with the same settings are still reused")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,7 +31,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         ).strip()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

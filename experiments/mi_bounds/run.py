@@ -10,17 +10,18 @@ figures:
     critic), Multi-Sample AIS lower/upper (HMC, pilot-tuned frozen step sizes), MINE-DV, MINE-F and
     MINE-AIS (energy-based critic trained with HMC negatives, evaluated with Multi-Sample AIS).
     Each level is a resumable stage (``workdir/gaussian/mi_<level>``).
-(b) ``vae``: Gaussian VAEs trained on MNIST-1D (latent sizes from the config); bounds on ``I(x;z)``
+(b) ``vae``: Gaussian VAEs trained on ``config.vae.data`` (MNIST-1D by default, scikit-learn digits
+    in the tiny config; latent sizes from the config); bounds on ``I(x;z)``
     under each VAE's generative model: AIS lower/upper, IWAE lower/upper (encoder proposal), BA,
     GIWAE, InfoNCE and MINE-AIS. Each latent size is a resumable stage.
 
 Every number in the JSON is a mean over the evaluation samples; ``stderr`` holds standard errors.
+Every config value is checked first (:func:`validate_config`), so a typo fails in seconds.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 from jax.tree_util import Partial
 
+from experiments import config_checks as check
 from tda_jax import io as tio
 from tda_jax import mi
 from tda_jax.mcmc import geometric_schedule
@@ -51,6 +53,98 @@ BOUND_NAMES = (
     "mine_f",
     "mine_ais",
 )
+
+
+DATA_NAMES = ("mnist1d", "digits")
+DATA_LABELS = {"mnist1d": "MNIST-1D", "digits": "scikit-learn digits (8x8)"}
+_FIT_FIELDS = ("num_steps", "batch_size", "learning_rate")
+_AIS_FIELDS = ("num_steps", "num_chains", "schedule_start", "num_integration_steps",
+               "num_pilot_steps", "num_anchors", "num_tuning_examples", "num_pilot_chains")
+_BOUNDS_FIELDS = ("num_samples", "iwae_num_samples", "infonce_num_samples", "encoder", "giwae",
+                  "ais", "mine")
+
+
+def _check_fit(config, field: str, extra: tuple[str, ...] = ()) -> None:
+    check.known_fields(config, field, _FIT_FIELDS + extra)
+    check.positive_int(config, f"{field}.num_steps")
+    check.positive_int(config, f"{field}.batch_size")
+    check.real(config, f"{field}.learning_rate", minimum=0.0, strict=True)
+
+
+def _check_ais(config, field: str, num_samples: int) -> None:
+    check.known_fields(config, field, _AIS_FIELDS, optional=("steps_per_nat", "min_steps"))
+    num_steps = check.positive_int(config, f"{field}.num_steps")
+    check.positive_int(config, f"{field}.num_chains")
+    check.fraction(config, f"{field}.schedule_start")  # geometric schedule from start to 1
+    check.positive_int(config, f"{field}.num_integration_steps")
+    check.positive_int(config, f"{field}.num_pilot_steps")
+    check.positive_int(config, f"{field}.num_anchors")
+    check.integer(config, f"{field}.num_tuning_examples", minimum=1, maximum=num_samples)
+    check.positive_int(config, f"{field}.num_pilot_chains")
+    # T = steps_per_nat * level, clipped to [min_steps, num_steps] (see ais_num_steps).
+    if check.get(config, field).get("steps_per_nat") is not None:
+        check.real(config, f"{field}.steps_per_nat", minimum=0.0, strict=True)
+        check.integer(config, f"{field}.min_steps", minimum=1, maximum=num_steps)
+
+
+def _check_bounds(config, field: str, extra: tuple[str, ...] = ()) -> None:
+    """The bound settings shared by the Gaussian sweep and the VAE evaluation."""
+    check.known_fields(config, field, _BOUNDS_FIELDS + extra)
+    num_samples = check.positive_int(config, f"{field}.num_samples")
+    check.positive_int(config, f"{field}.iwae_num_samples")
+    check.positive_int(config, f"{field}.infonce_num_samples")
+    _check_fit(config, f"{field}.encoder")
+    _check_fit(config, f"{field}.giwae", ("num_samples",))
+    check.positive_int(config, f"{field}.giwae.num_samples")
+    _check_ais(config, f"{field}.ais", num_samples)
+    _check_fit(config, f"{field}.mine", ("num_hmc_steps", "num_integration_steps", "run_dv_f",
+                                         "ais"))
+    check.positive_int(config, f"{field}.mine.num_hmc_steps")
+    check.positive_int(config, f"{field}.mine.num_integration_steps")
+    check.boolean(config, f"{field}.mine.run_dv_f")
+    _check_ais(config, f"{field}.mine.ais", num_samples)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every value of the experiment's config before any stage runs.
+
+    Raises:
+      ValueError: naming the first offending field (``config.vae.data.name``), its value and
+        what it must be.
+    """
+    check.known_fields(config, "", ("fast_compile", "gaussian", "vae"))
+    check.boolean(config, "fast_compile")
+    _check_bounds(config, "gaussian", ("z_dim", "x_dim", "mi_levels", "noise_std", "base",
+                                       "spectrum_ratio", "seed"))
+    z_dim = check.positive_int(config, "gaussian.z_dim")
+    check.integer(config, "gaussian.x_dim", minimum=1)
+    levels = check.get(config, "gaussian.mi_levels")
+    if not isinstance(levels, list | tuple) or not levels or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in levels):
+        check.fail("gaussian.mi_levels", levels, "it must be a non-empty list of finite MI "
+                   "values > 0 (nats)")
+    check.real(config, "gaussian.noise_std", minimum=0.0, strict=True)
+    base = check.choice(config, "gaussian.base", ("orthogonal", "gaussian"))
+    if base == "orthogonal":
+        check.integer(config, "gaussian.x_dim", minimum=z_dim)  # W = U diag(s) V^T, U [x, z]
+    check.real(config, "gaussian.spectrum_ratio", minimum=1.0)
+    check.integer(config, "gaussian.seed")
+
+    check.known_fields(config, "vae", ("latent_dims", "hidden", "train", "data", "min_std",
+                                       "learn_std", "seed", "bounds"))
+    check.int_sequence(config, "vae.latent_dims")
+    check.int_sequence(config, "vae.hidden")
+    _check_fit(config, "vae.train")
+    check.known_fields(config, "vae.data", ("name", "num_examples", "seed"))
+    check.choice(config, "vae.data.name", DATA_NAMES)
+    check.positive_int(config, "vae.data.num_examples")
+    check.integer(config, "vae.data.seed")
+    check.real(config, "vae.min_std", minimum=0.0, strict=True)
+    check.boolean(config, "vae.learn_std")
+    check.integer(config, "vae.seed")
+    _check_bounds(config, "vae.bounds", ("critic_hidden",))
+    check.int_sequence(config, "vae.bounds.critic_hidden")
 
 
 def _importance_critic_apply(critic_fn, proposal_log_prob, params, x, z):
@@ -343,7 +437,7 @@ def run_gaussian_level(config: ml_collections.ConfigDict, level: float, workdir:
     g = config.gaussian
     stage = tio.Stage(workdir / "gaussian" / f"mi_{level:g}", {"gaussian": g, "level": level})
     if stage.is_complete():
-        return json.loads(stage.path("result.json").read_text())
+        return stage.load_json("result.json")
     timer = _Timer()
     key = jax.random.key(g.seed)
     key_model, key_eval, key_bounds, key_enc = jax.random.split(key, 4)
@@ -449,7 +543,7 @@ def run_vae(
         {"bounds": v.bounds, "latent_dim": latent_dim, "seed": v.seed},
     )
     if bounds_stage.is_complete():
-        return json.loads(bounds_stage.path("result.json").read_text())
+        return bounds_stage.load_json("result.json")
 
     sample_joint_fn = mi.vae_sample_joint(module, params)
     log_likelihood_fn = mi.vae_log_likelihood(module, params)
@@ -497,8 +591,9 @@ _STYLE = {
 }
 
 
-def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: Path) -> None:
-    """Three panels: every bound vs the true MI, each bound's gap to the truth, the AIS width."""
+def gaussian_figure(results: list[dict], config: ml_collections.ConfigDict):
+    """Three panels: every bound vs the true MI (error bars: +-1 standard error over the
+    evaluation samples, from ``stderr``), each bound's gap to the truth, the AIS width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,7 +601,7 @@ def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: 
 
     truth = np.array([r["true_mi_sample"] for r in results])
     fig, (ax, ax_gap, ax_width) = plt.subplots(
-        1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [1.3, 1.3, 1]}
+        1, 3, figsize=(18, 5.5), layout="constrained", gridspec_kw={"width_ratios": [1.3, 1.3, 1]}
     )
     top = truth.max() * 1.15 + 5
     ax.plot(truth, truth, "k-", lw=1, label="true MI (on the samples)")
@@ -515,23 +610,26 @@ def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: 
         if name not in results[0]["bounds"]:
             continue
         values = np.array([r["bounds"][name] for r in results])
+        errors = np.array([r.get("stderr", {}).get(name, np.nan) for r in results])
         linestyle = "--" if "upper" in name else "-"
         shown = np.where((values > -5) & (values < top), values, np.nan)
         if np.isnan(shown).any():
             label += " (off-scale points omitted)"
-        ax.plot(truth, shown, linestyle, color=color, marker=marker, label=label, ms=5)
+        ax.errorbar(truth, shown, yerr=np.where(np.isnan(shown), np.nan, errors),
+                    fmt=marker + linestyle, color=color, label=label, ms=5, capsize=3)
         ax_gap.plot(truth, values - truth, linestyle, color=color, marker=marker, ms=5)
     log_k = math.log(config.gaussian.infonce_num_samples)
     ax.axhline(log_k, color="tab:gray", ls=":", lw=1, label=f"log K = {log_k:.2f} (InfoNCE cap)")
     ax.set_xlabel("true MI (nats)")
-    ax.set_ylabel("bound (nats)")
+    ax.set_ylabel("bound (nats; error bars: +-1 standard error)")
     ax.set_ylim(-5, top)
     g = config.gaussian
     steps = "T=" + (
         f"{g.ais.steps_per_nat:g}/nat" if g.ais.get("steps_per_nat") else f"{g.ais.num_steps}"
     )
     ax.set_title(
-        f"Linear Gaussian, z_dim={g.z_dim}: N={g.num_samples}, AIS {steps}, K={g.ais.num_chains}"
+        f"Linear Gaussian, z_dim={g.z_dim}: N={g.num_samples}, AIS {steps}, K={g.ais.num_chains}",
+        wrap=True,
     )
     ax.legend(fontsize=7.5, loc="upper left")
     ax_gap.set_yscale("symlog", linthresh=0.1)
@@ -544,7 +642,14 @@ def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: 
     ax_width.set_xlabel("true MI (nats)")
     ax_width.set_ylabel("AIS upper - lower (nats)")
     ax_width.set_title("Multi-Sample AIS sandwich width")
-    fig.tight_layout()
+    return fig
+
+
+def plot_gaussian(results: list[dict], config: ml_collections.ConfigDict, path: Path) -> None:
+    """Saves :func:`gaussian_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = gaussian_figure(results, config)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -570,37 +675,60 @@ def vae_table_markdown(vae_results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_vae_table(vae_results: dict, path: Path) -> None:
-    """The VAE table rendered as a PNG."""
+def vae_table_figure(vae_results: dict, data_config: ml_collections.ConfigDict):
+    """The VAE table as a figure, titled with the dataset the VAEs were trained on."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     header, rows, cells = _vae_cells(vae_results)
-    fig, ax = plt.subplots(figsize=(4.0 + 1.8 * len(header), 0.45 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(4.0 + 1.8 * len(header), 0.45 * len(rows) + 1.4),
+                           layout="constrained")
     ax.axis("off")
     table = ax.table(cellText=cells, rowLabels=rows, colLabels=header, loc="center")
     table.scale(1.0, 1.4)
-    ax.set_title("Bounds on I(x;z) (nats) under MNIST-1D VAE generative models", fontsize=10)
-    fig.tight_layout()
+    label = DATA_LABELS.get(data_config.name, data_config.name)
+    # A figure title (not the axes'): the row labels shift the table's axes to the right, and a
+    # title centred on them was clipped at the figure's right edge. wrap=True keeps it inside.
+    fig.suptitle(f"Bounds on I(x;z) (nats) under VAE generative models trained on {label} "
+                 f"({data_config.num_examples} examples)", fontsize=10, wrap=True)
+    return fig
+
+
+def plot_vae_table(vae_results: dict, data_config: ml_collections.ConfigDict, path: Path) -> None:
+    """Saves :func:`vae_table_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = vae_table_figure(vae_results, data_config)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs both parts (resuming finished stages) and writes ``results.json`` and figures."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+                       overwrite: bool = False) -> dict:
+    """Runs both parts (resuming finished stages) and writes ``results.json`` and figures.
+
+    Args:
+      config: see ``experiments/mi_bounds/configs/default.py``; checked first by
+        :func:`validate_config`.
+      workdir: the work directory; its finished stages are reused.
+      overwrite: recompute stages whose finished work was made with other settings (deleting it;
+        each is logged) instead of raising :class:`tda_jax.io.ArgumentMismatchError`.
+    """
+    validate_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    gaussian = []
-    for level in progress(list(config.gaussian.mi_levels), desc="gaussian MI levels"):
-        gaussian.append(run_gaussian_level(config, level, workdir))
-    vae: dict[str, dict] = {}
-    if config.vae.latent_dims:
-        data = load_data(config.vae.data)
-        for latent_dim in progress(list(config.vae.latent_dims), desc="VAE latent sizes"):
-            vae[f"latent_{latent_dim}"] = run_vae(config, latent_dim, data, workdir)
+    with tio.allow_overwrite(overwrite):
+        gaussian = []
+        for level in progress(list(config.gaussian.mi_levels), desc="gaussian MI levels"):
+            gaussian.append(run_gaussian_level(config, level, workdir))
+        vae: dict[str, dict] = {}
+        if config.vae.latent_dims:
+            data = load_data(config.vae.data)
+            for latent_dim in progress(list(config.vae.latent_dims), desc="VAE latent sizes"):
+                vae[f"latent_{latent_dim}"] = run_vae(config, latent_dim, data, workdir)
     results = {
         "gaussian": gaussian,
         "vae": vae,
@@ -610,6 +738,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tio.write_json(workdir / "results.json", results)
     plot_gaussian(gaussian, config, workdir / "gaussian_bounds.png")
     if vae:
-        plot_vae_table(vae, workdir / "vae_bounds.png")
-        (workdir / "vae_table.md").write_text(vae_table_markdown(vae))
+        plot_vae_table(vae, config.vae.data, workdir / "vae_bounds.png")
+        tio.atomic_write_text(workdir / "vae_table.md", vae_table_markdown(vae))
     return results

@@ -16,6 +16,7 @@ from tda_jax.attribution.influence import (
     build_score_steps,
     pairwise_scores,
     query_gradients,
+    score_arguments,
     self_scores,
 )
 from tda_jax.curvature import Curvature, fit_curvature
@@ -30,6 +31,7 @@ __all__ = [
     "pairwise_scores",
     "query_gradients",
     "recall_at_k",
+    "score_arguments",
     "self_scores",
     "tfidf_candidates",
     "top_rows",

@@ -41,6 +41,12 @@ gradient is replaced by its rank-``r`` SVD ``u w^T`` (in the layer's own coordin
 gradients are not rotated) and the score ``sum_t (a_t . u)(g_t . w)`` costs ``r (in + out)`` per
 query and training position instead of ``in out``.
 
+With ``store=`` (a directory or an :class:`tda_jax.io.ArrayStore`) scores go to disk chunk by chunk
+instead of into one host matrix: a chunk is one query super-block x ``store_chunk_batches`` training
+batches, written and recorded only once complete, so a killed run loses at most the chunks in
+flight and a rerun computes only the missing ones (from the same arguments; finished chunks made
+from other parameters, data, curvature or settings are refused, naming what differs).
+
 The compiled steps come from :func:`build_score_steps`, which a caller may build once and pass to
 every call (``steps=``); steps compiled from equal programs share executables
 (:mod:`tda_jax.compile`), so a fresh ``apply_fn`` lambda does not compile again.
@@ -48,6 +54,7 @@ every call (``steps=``); steps compiled from equal programs share executables
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -69,6 +76,7 @@ from tda_jax.curvature.fit import (
     track_first_bad,
 )
 from tda_jax.data import Dataset, batch_iterator, num_examples, subset
+from tda_jax.io import ArrayStore, fingerprint
 from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
 from tda_jax.progress import progress
 from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh, replicated
@@ -312,7 +320,9 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
                     granularity: str = "sequence", query_rank: int | None = None,
                     query_batch_size: int = 64, train_batch_size: int = 256,
                     mesh: jax.sharding.Mesh | None = None, max_gradient_bytes: int = 2**28,
-                    max_query_bytes: int = 2**28, steps: ScoreSteps | None = None) -> np.ndarray:
+                    max_query_bytes: int = 2**28, steps: ScoreSteps | None = None,
+                    store: str | os.PathLike | ArrayStore | None = None,
+                    store_chunk_batches: int = 16) -> np.ndarray | ArrayStore:
     """Influence of every training example (or token, or layer) on every query.
 
     Args:
@@ -344,10 +354,19 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
         training batch is captured once per super-block.
       steps: compiled steps from :func:`build_score_steps` to reuse (built here if None; must
         match ``granularity`` and ``query_rank``).
+      store: a directory (or a writable :class:`tda_jax.io.ArrayStore`) to write the scores to,
+        chunk by chunk, instead of returning them in memory. Completed chunks found there are
+        skipped; the arguments of :func:`score_arguments` are recorded and a store holding
+        finished chunks made with other ones is refused (:class:`tda_jax.io.ArgumentMismatchError`;
+        one without finished chunks is replaced). An existing store keeps its chunk layout.
+      store_chunk_batches: training batches per stored chunk (a chunk is one query super-block x
+        ``store_chunk_batches * train_batch_size`` training examples); a kill loses at most one
+        chunk's work.
 
     Returns:
       float32 scores ``[num_queries, num_train]`` (``[..., T]`` / ``[..., L]`` by granularity; sign
-      convention in the module docstring).
+      convention in the module docstring); with ``store``, the complete :class:`ArrayStore` holding
+      them (``np.asarray(store)`` or ``store.read(rows=..., cols=...)`` to load any block).
     """
     loss = check_loss(loss)
     check_granularity(granularity)
@@ -356,6 +375,12 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     mesh = make_data_mesh(1) if mesh is None else mesh
     train_batch_size = round_batch_size(train_batch_size, mesh)
     num_q, num_t = num_examples(queries), num_examples(train)
+    if store is not None:
+        return _pairwise_into_store(
+            store, apply_fn, params, curvature, queries, train, loss=loss, measurement=measurement,
+            granularity=granularity, query_rank=query_rank, query_batch_size=query_batch_size,
+            train_batch_size=train_batch_size, mesh=mesh, max_gradient_bytes=max_gradient_bytes,
+            max_query_bytes=max_query_bytes, steps=steps, chunk_batches=store_chunk_batches)
     if steps is None:
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
                                   measurement=measurement, mesh=mesh,
@@ -382,6 +407,126 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
         raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs")
         scores[q0:q1] = np.asarray(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
     return scores
+
+
+def measurement_name(measurement: MeasurementFn) -> str:
+    """The name recorded for a measurement: ``fn.name`` if set, else its module and qualified name."""
+    name = getattr(measurement, "name", None)
+    if isinstance(name, str):
+        return name
+    module = getattr(measurement, "__module__", "?")
+    return f"{module}.{getattr(measurement, '__qualname__', repr(measurement))}"
+
+
+def _data_fingerprint(dataset: Dataset) -> str:
+    return fingerprint(dataset.inputs, dataset.targets, dataset.input_mask)
+
+
+def score_arguments(params: Params, curvature: Curvature, queries: Dataset, train: Dataset, *,
+                    loss: Loss, measurement: MeasurementFn, granularity: str = "sequence",
+                    query_rank: int | None = None) -> dict[str, Any]:
+    """What a stored pairwise score matrix is tied to (recorded in, and checked against, its store).
+
+    The curvature's settings (which pin the data and parameters it was fitted on) and a fingerprint
+    of its factors, the scored parameters, both datasets, the loss and measurement names,
+    granularity and ``query_rank``. Batch sizes, memory budgets and meshes are left out: they do
+    not change the scores beyond float reassociation.
+    """
+    return {
+        "scores": "pairwise",
+        "curvature": curvature.settings,
+        "curvature_fingerprint": fingerprint(curvature.factors),
+        "params_fingerprint": fingerprint(params),
+        "query_fingerprint": _data_fingerprint(queries),
+        "train_fingerprint": _data_fingerprint(train),
+        "loss": loss.name,
+        "measurement": measurement_name(measurement),
+        "granularity": granularity,
+        "query_rank": None if query_rank is None else int(query_rank),
+    }
+
+
+def _score_store(store, shape: tuple[int, ...], arguments: dict, chunks: tuple[int, int]
+                 ) -> ArrayStore:
+    """The store to fill: an existing one with these arguments (its own chunk layout), or new."""
+    if isinstance(store, ArrayStore):
+        store.check_arguments(arguments)
+        if store.shape != shape or store.dtype != np.float32 or len(store.chunks) != 2:
+            raise ValueError(f"store {store.path} holds {store.dtype} {store.shape} chunked over "
+                             f"{len(store.chunks)} axes; pairwise scores need float32 {shape} "
+                             "chunked over (queries, training examples).")
+        if not store.writable and not store.complete:
+            raise ValueError(f"store {store.path} is read-only and incomplete; open it with "
+                             "ArrayStore.open(path, mode='r+').")
+        return store
+    if ArrayStore.exists(store):
+        existing = ArrayStore.open(store)
+        if len(existing.chunks) == 2:  # resume in the layout it was started with
+            chunks = existing.chunks
+        existing.close()
+    return ArrayStore.create(store, shape, "float32", chunks, arguments)
+
+
+def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, loss, measurement,
+                         granularity, query_rank, query_batch_size, train_batch_size, mesh,
+                         max_gradient_bytes, max_query_bytes, steps, chunk_batches) -> ArrayStore:
+    """:func:`pairwise_scores` written chunk by chunk into an :class:`ArrayStore`."""
+    if int(chunk_batches) != chunk_batches or chunk_batches < 1:
+        raise ValueError(f"store_chunk_batches must be a positive integer, got {chunk_batches!r}.")
+    num_q, num_t = num_examples(queries), num_examples(train)
+    block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes,
+                                     query_rank)
+    shape = (num_q, num_t, *_score_shape(granularity, curvature, train))
+    arguments = score_arguments(params, curvature, queries, train, loss=loss,
+                                measurement=measurement, granularity=granularity,
+                                query_rank=query_rank)
+    store = _score_store(store, shape, arguments,
+                         (super_block, min(int(chunk_batches) * train_batch_size, num_t)))
+    missing = store.missing_chunks()
+    if not missing:
+        return store
+    if steps is None:
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
+                                  measurement=measurement, mesh=mesh,
+                                  max_gradient_bytes=max_gradient_bytes, granularity=granularity,
+                                  query_rank=query_rank)
+    super_block = store.chunks[0]
+    block = min(block, super_block)
+    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    sharding = data_sharding(mesh)
+    precond, precond_row, pending = None, None, None
+    for chunk in progress(missing, desc="pairwise scores (chunks)"):
+        rows, cols = store.chunk_region(chunk)
+        if precond_row != chunk[0]:  # missing chunks come row by row: one super-block at a time
+            precond = _preconditioned_queries(steps.query, params, factors, queries, rows.start,
+                                              rows.stop, block, super_block)
+            precond, precond_row = jax.device_put(precond, replicated(mesh)), chunk[0]
+        part = subset(train, np.arange(cols.start, cols.stop))
+        values, first_bad = [], jnp.int32(-1)
+        for number, batch in enumerate(batch_iterator(part, train_batch_size)):
+            batch_scores, bad = steps.pairwise(params, factors, precond,
+                                               jax.device_put(batch, sharding))
+            values.append(batch_scores)
+            first_bad = track_first_bad(first_bad, bad, number)
+        # Write the previous chunk only now, so the device works on this one meanwhile.
+        if pending is not None:
+            _write_score_chunk(store, *pending, train_batch_size)
+        pending = (chunk, rows, cols, values, first_bad)
+    _write_score_chunk(store, *pending, train_batch_size)
+    return store
+
+
+def _write_score_chunk(store: ArrayStore, chunk, rows: slice, cols: slice, values, first_bad,
+                       train_batch_size: int) -> None:
+    first = int(first_bad)
+    if first >= 0:
+        lo = cols.start + first * train_batch_size
+        raise FloatingPointError(
+            f"non-finite training outputs in the batch holding examples {lo}.."
+            f"{min(lo + train_batch_size, cols.stop) - 1}; check the data (NaN/inf inputs, "
+            "out-of-range targets) and the parameters.")
+    scores = np.asarray(jnp.concatenate(values, axis=1))
+    store.write_chunk(chunk, scores[: rows.stop - rows.start, : cols.stop - cols.start])
 
 
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):

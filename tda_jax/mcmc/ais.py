@@ -185,6 +185,11 @@ def _check_flat_position(position: Array, name: str) -> None:
         )
 
 
+def _is_concrete(x) -> bool:
+    """Whether ``x`` holds host-readable values (not a tracer of an enclosing transformation)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
 def check_kernel(kernel: str) -> None:
     """Raises ``ValueError`` unless ``kernel`` is ``"hmc"`` or ``"mala"``."""
     if kernel not in KERNELS:
@@ -347,7 +352,9 @@ def check_initial_positions(
 ) -> None:
     """Raises unless ``initial_positions`` is ``[C, D]`` with finite prior and likelihood.
 
-    The value check runs only on concrete arrays (skipped under jit).
+    The value check runs only when the prior and likelihood values are concrete: it is skipped
+    under an outer ``jit`` (even for constant positions, a jitted call inside a trace returns
+    tracers) and when the density functions close over traced values.
     """
     shape = jnp.shape(initial_positions)
     if len(shape) != 2:
@@ -368,6 +375,9 @@ def check_initial_positions(
                 f"`{what}` must map one position [D] to a scalar; on {name} it gave shape "
                 f"{jnp.shape(values)[1:]} per chain."
             )
+    for what, values in (("log_prior_fn", log_prior), ("log_likelihood_fn", log_lik)):
+        if not _is_concrete(values):
+            continue
         bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
         if bad.size:
             raise ValueError(
@@ -403,7 +413,9 @@ def ais(
 
     Jitted once per (``log_prior_fn``, ``log_likelihood_fn``, kernel settings, shapes): pass the
     same function objects across calls to avoid recompiling; ``betas`` and ``step_sizes`` are
-    traced.
+    traced. Any argument but the functions and settings may also be a tracer of an enclosing
+    ``jit``/``vmap``; the host-side checks of values (schedule, finite initial densities) then run
+    only on what is concrete, and the shape checks always run.
 
     Args:
       key: PRNG key.
