@@ -236,3 +236,15 @@ def test_bad_language_model_input_names_the_rows():
         fit(longer)
     with pytest.raises(ValueError, match="input_mask has shape"):
         fit(train._replace(input_mask=train.input_mask[:, :2]))
+
+
+def test_factored_low_rank_contraction_equals_the_expanded_one():
+    # The two orders pairwise scoring chooses between for query_rank (by their flop counts).
+    from tda_jax.attribution.influence import _low_rank_position_scores, _position_scores
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    a, g = jax.random.normal(keys[0], (3, 5, 6)), jax.random.normal(keys[1], (3, 5, 4))
+    u, w = jax.random.normal(keys[2], (2, 6, 3)), jax.random.normal(keys[3], (2, 4, 3))
+    expanded = _position_scores(jnp.einsum("qir,qor->qio", u, w), a, g)
+    _close(_low_rank_position_scores({"u": u, "w": w}, a, g), expanded, rtol=1e-5)
+    assert expanded.shape == (2, 3, 5)

@@ -141,6 +141,21 @@ def _low_rank_position_scores(factors: dict[str, Array], a: Array, g: Array) -> 
     return jnp.sum(left * right, axis=-1)
 
 
+def _factored_is_cheaper(spec: LayerSpec, positions: int, rank: int, per_position: bool) -> bool:
+    """Whether ``sum_t (a_t . u)(g_t . w)`` beats expanding ``u w^T`` and contracting at full rank.
+
+    Per query and batch (``positions`` = batch x positions), the factored form costs
+    ``positions r (in + out)``; expanding costs ``r in out`` plus the full-rank contraction:
+    ``positions in out`` per position (token scores) or about ``batch in out`` (sequence scores,
+    where the batch's gradients are formed once for all queries; counted as ``in out`` here).
+    """
+    rank = min(rank, spec.in_dim, spec.out_dim)
+    factored = positions * rank * (spec.in_dim + spec.out_dim)
+    expanded = rank * spec.in_dim * spec.out_dim + (positions if per_position else 1) * \
+        spec.in_dim * spec.out_dim
+    return factored < expanded
+
+
 def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> dict[str, dict]:
     """Rank-``rank`` SVD of each layer's preconditioned query gradient (Grosse et al. 2023's
     query batching), returned in the layers' own coordinates: ``V ~ u w^T``."""
@@ -237,9 +252,14 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         per_layer = {}
         for s in specs:
             x, y = a[s.name], g[s.name][0]
-            if query_rank is not None:
+            if query_rank is not None and _factored_is_cheaper(s, x.shape[0] * x.shape[1],
+                                                               int(query_rank), per_position):
                 values = _low_rank_position_scores(precond[s.name], x, y)
                 per_layer[s.name] = values if per_position else jnp.sum(values, axis=-1)
+            elif query_rank is not None:  # expand u w^T once per batch, then contract as full rank
+                full = jnp.einsum("qir,qor->qio", precond[s.name]["u"], precond[s.name]["w"])
+                per_layer[s.name] = (_position_scores(full, x, y) if per_position else
+                                     _layer_scores(full, x, y, max_gradient_bytes))
             elif per_position:
                 per_layer[s.name] = _position_scores(precond[s.name], x, y)
             else:
@@ -298,7 +318,10 @@ def _query_plan(curvature: Curvature, num_queries: int, query_batch_size: int,
         per_query = 4 * sum(min(query_rank, s.in_dim, s.out_dim) * (s.in_dim + s.out_dim)
                             for s in curvature.specs)
     full = 4 * curvature.num_params
-    block = max(1, min(query_batch_size, max_query_bytes // full, num_queries))
+    # With query_rank, the full gradients of one block being factorised take at most half the
+    # budget, so that the low-rank factors of many blocks fit in the rest.
+    factorising = max_query_bytes if query_rank is None else max_query_bytes // 2
+    block = max(1, min(query_batch_size, factorising // full, num_queries))
     blocks = max(1, (max_query_bytes - (0 if query_rank is None else full * block))
                  // (per_query * block))
     blocks = min(blocks, -(-num_queries // block))
