@@ -77,5 +77,5 @@ def test_apply_fn_of_bridges_module_and_attribution_convention():
     assert hash(apply_fn) == hash(apply_fn_of(MLP(hidden_sizes=(4,), num_outputs=3)))
     assert apply_fn != apply_fn_of(MLP(hidden_sizes=(4,), num_outputs=2))
     assert num_outputs_of(model, x[:1]) == 3
-    with pytest.raises(TypeError, match="flax.linen Module"):
+    with pytest.raises(TypeError, match="flax.linen or flax.nnx Module"):
         apply_fn_of(lambda p, x: x)
