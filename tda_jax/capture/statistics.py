@@ -57,8 +57,8 @@ class Captured(NamedTuple):
 
 
 def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
-                     cotangent_fn: Callable[[Array], Array], input_mask: Array | None = None
-                     ) -> Captured:
+                     cotangent_fn: Callable[[Array], Array], input_mask: Array | None = None,
+                     compute_dtype: Any = None) -> Captured:
     """Layer inputs and output gradients of every tracked layer for one batch.
 
     Args:
@@ -70,6 +70,10 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
       input_mask: optional ``[B, T]`` mask of real input tokens, aligned with each layer call into
         ``masks`` (curvature statistics such as K-FAC's covariances leave masked positions out).
         ``a`` and ``g`` are not changed, so ``sum_t a_t g_t^T`` stays the exact gradient.
+      compute_dtype: e.g. ``jnp.bfloat16``: the forward and backward passes (floating parameters,
+        inputs, activations and output gradients) run in this dtype; the model's outputs are
+        returned and the cotangents computed in float32, and ``a``, ``g`` are returned in float32
+        so that every statistic is accumulated in float32. None: the parameters' own dtype.
 
     Returns:
       ``Captured(outputs, a, g, masks, specs, calls)`` with ``a[name] [B, T, in_dim]``,
@@ -79,6 +83,8 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
       gradient and its ``g`` part the call's input, so such a layer needs ``K = 1`` (one cotangent
       per example: a loss or measurement gradient, or the sampled/empirical Fisher).
     """
+    if compute_dtype is not None:
+        params, inputs = jax.tree.map(lambda v: _cast_floating(v, compute_dtype), (params, inputs))
     specs, shapes, out_struct = output_shapes(apply_fn, params, inputs)
     dtype = out_struct.dtype if hasattr(out_struct, "dtype") else jnp.float32
     zeros = {key: jnp.zeros(shape, dtype) for key, shape in shapes.items()}
@@ -91,11 +97,16 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
         return outputs, {n: [c.inputs for c in cs] for n, cs in calls.items()}
 
     outputs, vjp_fn, call_inputs = jax.vjp(forward, zeros, has_aux=True)
+    if compute_dtype is not None:  # losses, measurements and cotangents in float32
+        outputs = outputs.astype(jnp.float32)
     cotangents = cotangent_fn(outputs)
     if cotangents.ndim != outputs.ndim + 1 or cotangents.shape[1:] != outputs.shape:
         raise ValueError(f"cotangent_fn must return [K, *outputs.shape] = [K, {outputs.shape}], got "
                          f"{cotangents.shape}.")
-    (g_by_call,) = jax.vmap(vjp_fn)(cotangents.astype(outputs.dtype))
+    (g_by_call,) = jax.vmap(vjp_fn)(cotangents.astype(dtype))
+    if compute_dtype is not None:
+        g_by_call = {k: v.astype(jnp.float32) for k, v in g_by_call.items()}
+        call_inputs = jax.tree.map(lambda v: _cast_floating(v, jnp.float32), call_inputs)
     batch, num_k = outputs.shape[0], cotangents.shape[0]
     a, g, masks, call_positions = {}, {}, {}, {}
     for name, spec in specs.items():
@@ -124,6 +135,11 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
         g[name] = jnp.concatenate(g_parts, axis=2)
         masks[name] = jnp.concatenate(m_parts, axis=1)
     return Captured(outputs, a, g, masks, specs, call_positions)
+
+
+def _cast_floating(value: Any, dtype: Any) -> Any:
+    value = jnp.asarray(value)
+    return value.astype(dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
 
 
 def layer_gradients(a: Array, g: Array) -> Array:
