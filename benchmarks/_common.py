@@ -55,3 +55,40 @@ def load_average() -> list[float]:
             return [float(v) for v in f.read().split()[:3]]
     except (OSError, ValueError):
         return []
+
+
+def machine_description() -> str:
+    """The CPU model name (``/proc/cpuinfo``) and the number of logical CPUs."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def reflow_markdown(markdown: str, width: int = 100) -> str:
+    """Re-wraps the prose paragraphs of ``markdown`` to ``width`` columns.
+
+    Tables, code blocks and headings are kept as they are; bullet lists (``* ``) are wrapped item
+    by item with a hanging indent.
+    """
+    import textwrap
+
+    blocks = []
+    for block in markdown.strip().split("\n\n"):
+        if block.startswith(("|", "#", "```")):
+            blocks.append(block)
+        elif block.startswith("* "):
+            blocks.append("\n".join(
+                textwrap.fill(" ".join(item.split()), width=width, subsequent_indent="  ",
+                              break_on_hyphens=False, break_long_words=False)
+                for item in ("* " + i for i in block[2:].split("\n* "))))
+        else:
+            blocks.append(textwrap.fill(" ".join(block.split()), width=width,
+                                        break_on_hyphens=False, break_long_words=False))
+    return "\n\n".join(blocks) + "\n"

@@ -248,3 +248,30 @@ def test_factored_low_rank_contraction_equals_the_expanded_one():
     expanded = _position_scores(jnp.einsum("qir,qor->qio", u, w), a, g)
     _close(_low_rank_position_scores({"u": u, "w": w}, a, g), expanded, rtol=1e-5)
     assert expanded.shape == (2, 3, 5)
+
+
+def test_low_rank_queries_are_returned_in_layer_coordinates():
+    # u w^T must equal Q_A V' Q_G^T for a rank-2 V' in score coordinates; a layer whose rank-r
+    # factors would not be smaller keeps V' itself.
+    from types import SimpleNamespace
+
+    from tda_jax.attribution.influence import _low_rank
+    from tda_jax.capture import LayerSpec
+
+    def spec(name, fan_in, fan_out):
+        return LayerSpec(name, "dense", (name,), ("kernel",), (fan_in, fan_out), fan_in, fan_out,
+                         False)
+
+    specs = (spec("big", 8, 6), spec("small", 3, 2))
+    keys = jax.random.split(jax.random.key(1), 6)
+    qa = jnp.linalg.qr(jax.random.normal(keys[0], (8, 8)))[0]
+    qg = jnp.linalg.qr(jax.random.normal(keys[1], (6, 6)))[0]
+    low = jnp.einsum("qir,qor->qio", jax.random.normal(keys[2], (3, 8, 2)),
+                     jax.random.normal(keys[3], (3, 6, 2)))
+    small = jax.random.normal(keys[4], (3, 3, 2))
+    block = SimpleNamespace(score_basis=lambda s, f: {"big": (qa, qg), "small": (None, None)})
+    out = _low_rank(block, specs, None, {"big": low, "small": small}, rank=2)
+    _close(jnp.einsum("qir,qor->qio", out["big"]["u"], out["big"]["w"]),
+           jnp.einsum("ij,qjk,lk->qil", qa, low, qg), rtol=1e-5)
+    assert set(out["small"]) == {"v"}
+    np.testing.assert_array_equal(out["small"]["v"], small)

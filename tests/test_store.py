@@ -182,7 +182,8 @@ def test_stored_scores_equal_in_memory_and_resume_only_missing_chunks(tmp_path, 
     store = pairwise_scores(apply_fn, params, curvature, queries, train, store=tmp_path / "scores",
                             **{**kwargs, "train_batch_size": 16, "query_batch_size": 3})
     assert computed == partial.missing_chunks() and store.complete
-    np.testing.assert_array_equal(np.asarray(store), expected)
+    # Other query block sizes may reassociate float sums (batched matmuls): equal to float32 noise.
+    np.testing.assert_allclose(np.asarray(store), expected, rtol=1e-5, atol=1e-5)
     computed.clear()
     again = pairwise_scores(apply_fn, params, curvature, queries, train, store=tmp_path / "scores",
                             steps="unused when every chunk is complete", **kwargs)

@@ -5,6 +5,12 @@ Usage::
     python -m experiments.lds.main --config=experiments/lds/configs/default.py[:tiny] --workdir=DIR \
         [--overwrite]
 
+Several processes, one global device mesh (``launch/local.py``; ``launch/slurm.py`` and
+``launch/tpu_vm.py`` for clusters)::
+
+    python -m launch.local --num_processes=2 --devices_per_process=2 -- experiments.lds.main \
+        --config=experiments/lds/configs/default.py:tiny --workdir=DIR
+
 A rerun reuses finished stages; a stage whose finished work was made with other settings is
 refused (naming them) unless ``--overwrite`` is given.
 """
@@ -15,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.lds.pipeline import run
+from tda_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment configuration file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for stages, results.json and figures")
@@ -33,6 +40,9 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         ).strip()
+    # Started by launch/local.py, launch/slurm.py or launch/tpu_vm.py: join the other processes
+    # (one global device mesh); otherwise a no-op.
+    sharding.initialize_from_env()
     run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 

@@ -15,6 +15,10 @@ stage's arguments are checked before any work starts, so a changed setting of a 
 finished work raises :class:`tda_jax.io.ArgumentMismatchError` naming it (``overwrite=True``, the
 ``--overwrite`` flag, recomputes such stages instead), and ``results.json`` is only rewritten after
 every stage agreed with the configuration. A stage with no finished work is simply restarted.
+
+Several processes (``python -m launch.local --num_processes=2 -- experiments.lds.main ...``): every
+process runs this pipeline; the library's drivers split retraining, curvature passes and scoring
+over the global device mesh and return the same values everywhere, and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tda_jax.evaluation import (
 from tda_jax.evaluation.figures import plot_lds_bars
 from tda_jax.io import Stage, allow_overwrite, write_json, write_npz
 from tda_jax.progress import progress
+from tda_jax.sharding import is_main_process
 from tda_jax.training.config import OPTIMIZERS
 
 DATA_NAMES = ("mnist1d",)
@@ -149,7 +154,8 @@ def _read_seconds(directory: Path) -> float | None:
 
 
 def _write_seconds(stage: Stage, seconds: float) -> None:
-    write_json(stage.path("timing.json"), {"seconds": seconds})
+    if is_main_process():
+        write_json(stage.path("timing.json"), {"seconds": seconds})
 
 
 _STRATEGY_ORDER = ("identity", "diagonal", "kfac", "ekfac", "exact")
@@ -432,7 +438,10 @@ def lds_results(
 
 def write_outputs(config: ml_collections.ConfigDict, workdir: Path, results: dict[str, Any],
                   arrays: dict[str, np.ndarray]) -> None:
-    """``results.json``, ``lds_per_query.npz`` and the bar chart ``lds.png``."""
+    """``results.json``, ``lds_per_query.npz`` and the bar chart ``lds.png`` (written by process 0
+    of a multi-process run)."""
+    if not is_main_process():
+        return
     write_json(workdir / "results.json", results)
     write_npz(workdir / "lds_per_query.npz", arrays)
     plot_lds_bars(

@@ -13,6 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.mi_bounds.run import train_and_evaluate
+from tda_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, figures and stages.")
@@ -31,6 +32,9 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         ).strip()
+    # Started by launch/local.py, launch/slurm.py or launch/tpu_vm.py: join the other processes
+    # (one global device mesh); otherwise a no-op.
+    sharding.initialize_from_env()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 

@@ -39,6 +39,7 @@ from tda_jax import mi
 from tda_jax.mcmc import geometric_schedule
 from tda_jax.mi.bounds import check_finite
 from tda_jax.progress import progress
+from tda_jax.sharding import is_main_process
 
 Array = jax.Array
 BOUND_NAMES = (
@@ -735,6 +736,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         "config": config.to_dict(),
         "total_seconds": round(time.perf_counter() - start, 1),
     }
+    if not is_main_process():  # several processes (launch/): process 0 writes the outputs
+        return results
     tio.write_json(workdir / "results.json", results)
     plot_gaussian(gaussian, config, workdir / "gaussian_bounds.png")
     if vae:

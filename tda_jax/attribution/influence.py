@@ -47,6 +47,13 @@ batches, written and recorded only once complete, so a killed run loses at most 
 flight and a rerun computes only the missing ones (from the same arguments; finished chunks made
 from other parameters, data, curvature or settings are refused, naming what differs).
 
+Several processes (``jax.distributed``, see :mod:`tda_jax.sharding`): with the default mesh, the
+global ``"data"`` mesh, each process feeds its share of every training batch, query gradients are
+computed on every process (queries are few), and each super-block's score columns are gathered so
+every process returns the whole matrix. With ``store=``, process 0 alone creates the store and
+writes every chunk (the others compute with it and open the store read-only), so the store's
+directory must be visible to every process.
+
 The compiled steps come from :func:`build_score_steps`, which a caller may build once and pass to
 every call (``steps=``); steps compiled from equal programs share executables
 (:mod:`tda_jax.compile`), so a fresh ``apply_fn`` lambda does not compile again.
@@ -62,24 +69,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tda_jax.capture.layers import ApplyFn, LayerSpec
+from tda_jax.capture.layers import ApplyFn, LayerSpec, output_shapes
 from tda_jax.capture.statistics import layer_statistics, loss_cotangents
 from tda_jax.compile import CompiledStep
 from tda_jax.curvature.blocks import get_block
 from tda_jax.curvature.estimate import Curvature
 from tda_jax.curvature.fit import (
     check_compatible,
+    first_bad_batch,
     inspect_model,
     nonfinite_count,
     raise_if_nonfinite,
     round_batch_size,
+    start_first_bad,
     track_first_bad,
 )
 from tda_jax.data import Dataset, batch_iterator, num_examples, subset
 from tda_jax.io import ArrayStore, fingerprint
 from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
-from tda_jax.progress import progress
-from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh, replicated
+from tda_jax.progress import progress, progress_bar
+from tda_jax.sharding import (
+    DATA_AXIS,
+    barrier,
+    data_sharding,
+    default_mesh,
+    is_distributed,
+    is_main_process,
+    put_global,
+    put_replicated,
+    run_on_main,
+    to_host,
+)
 
 Array = jax.Array
 Params = Any
@@ -96,9 +116,10 @@ class ScoreSteps(NamedTuple):
         gradients, ``{layer: [Qb, in, out]}`` in score coordinates, or with ``query_rank=r``
         ``{layer: {"u": [Qb, in, r], "w": [Qb, out, r]}}`` in layer coordinates.
       pairwise: ``(params, factors, preconditioned, batch) -> (scores, nonfinite)``; scores
-        ``[S, B]``, ``[S, B, T]`` (token) or ``[S, B, L]`` (module).
+        ``[S, B]``, ``[S, B, T]`` (token) or ``[S, B, L]`` (module), sharded over the batch;
+        non-finite counts per device ``[num_devices]``.
       self: ``(params, factors, batch) -> (self-influence, nonfinite)``; ``[B]``, ``[B, T]`` or
-        ``[B, L]``.
+        ``[B, L]``; counts as for ``pairwise``.
     """
 
     query: CompiledStep
@@ -156,6 +177,37 @@ def _factored_is_cheaper(spec: LayerSpec, positions: int, rank: int, per_positio
     return factored < expanded
 
 
+def back_rotated_layers(specs: tuple[LayerSpec, ...], positions: dict[str, int], num_queries: int,
+                        num_train: int) -> tuple[str, ...]:
+    """Layers where rotating each preconditioned query back to layer coordinates once
+    (``Q (in^2 out + in out^2)`` flops) is cheaper than rotating every training position into the
+    eigenbasis (``N T (in^2 + out^2)``), e.g. transformer layers scored against long sequences."""
+    chosen = []
+    for s in specs:
+        train = num_train * positions.get(s.name, 1) * (s.in_dim ** 2 + s.out_dim ** 2)
+        queries = num_queries * s.in_dim * s.out_dim * (s.in_dim + s.out_dim)
+        if queries < train:
+            chosen.append(s.name)
+    return tuple(chosen)
+
+
+def layer_positions(apply_fn: ApplyFn, params: Params, dataset: Dataset) -> dict[str, int]:
+    """Positions ``T`` per example of each tracked layer (all its calls), found abstractly."""
+    _, shapes, _ = output_shapes(apply_fn, params, jnp.asarray(np.asarray(dataset.inputs[:1])))
+    out: dict[str, int] = {}
+    for key, shape in shapes.items():
+        name = key.rsplit("#", 1)[0]
+        out[name] = out.get(name, 0) + int(np.prod(shape[1:-1], dtype=np.int64))
+    return out
+
+
+def keeps_low_rank(spec: LayerSpec, rank: int) -> bool:
+    """Whether rank-``rank`` factors ``u [in, r]``, ``w [out, r]`` are smaller than ``V [in, out]``
+    (otherwise ``query_rank`` keeps that layer's preconditioned query gradient at full rank)."""
+    return min(rank, spec.in_dim, spec.out_dim) * (spec.in_dim + spec.out_dim) < \
+        spec.in_dim * spec.out_dim
+
+
 def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> dict[str, dict]:
     """Rank-``rank`` SVD of each layer's preconditioned query gradient (Grosse et al. 2023's
     query batching), returned in the layers' own coordinates: ``V ~ u w^T``."""
@@ -163,6 +215,9 @@ def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> di
     out = {}
     for s in specs:
         v = precond[s.name]
+        if not keeps_low_rank(s, rank):  # rank-r factors would be no smaller: keep V as it is
+            out[s.name] = {"v": v}
+            continue
         r = min(rank, s.in_dim, s.out_dim)
         left, values, right = jnp.linalg.svd(v, full_matrices=False)
         u = left[..., :r] * values[:, None, :r]
@@ -205,19 +260,27 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
                       loss: Loss | None, measurement: MeasurementFn | None = None,
                       mesh: jax.sharding.Mesh | None = None,
                       max_gradient_bytes: int = 2**28, granularity: str = "sequence",
-                      query_rank: int | None = None) -> ScoreSteps:
+                      query_rank: int | None = None,
+                      layer_coordinates: tuple[str, ...] = ()) -> ScoreSteps:
     """Compiled query, pairwise and self-influence steps for one model, loss and curvature block.
 
     Hold the result and pass ``steps=`` to :func:`pairwise_scores` / :func:`self_scores` to score
     many times without tracing again. ``granularity`` and ``query_rank`` are as in
-    :func:`pairwise_scores`.
+    :func:`pairwise_scores`. ``layer_coordinates`` names layers whose preconditioned queries are
+    rotated back into the layer's own coordinates once (so training gradients of those layers are
+    not rotated): cheaper when the training side has many more positions than there are queries
+    (:func:`back_rotated_layers` chooses).
     """
     block = get_block(strategy)
     loss = None if loss is None else check_loss(loss)
     check_granularity(granularity)
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(layer_coordinates) - set(by_name))
+    if unknown:
+        raise ValueError(f"layer_coordinates names layers {unknown} that are not scored.")
     if query_rank is not None and (int(query_rank) != query_rank or query_rank < 1):
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
-    mesh = make_data_mesh(1) if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
     max_gradient_bytes = int(max_gradient_bytes)
     per_position = granularity == "token"
 
@@ -237,6 +300,14 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         outputs = captured.outputs
         g = {n: v[0] for n, v in captured.g.items()}
         precond = block.query_from_factors(specs, factors, captured.a, g)
+        if layer_coordinates:
+            bases = block.score_basis(specs, factors)
+            for name in layer_coordinates:
+                qa, qg = bases[name]
+                low_rank = query_rank is not None and keeps_low_rank(by_name[name], int(query_rank))
+                if not low_rank:  # low-rank factors are moved to layer coordinates by _low_rank
+                    v = precond[name] if qa is None else qa @ precond[name]
+                    precond[name] = v if qg is None else v @ jnp.swapaxes(qg, 0, 1)
         if query_rank is not None:
             precond = _low_rank(block, specs, factors, precond, int(query_rank))
         values = jnp.where(batch["mask"] > 0, measurement(outputs, batch["targets"]), 0.0)
@@ -245,13 +316,19 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
 
     def pairwise(params, factors, precond, batch):
         captured = capture(params, batch, training_cotangents(batch))
-        if query_rank is None:
-            a, g = block.train_transform(specs, factors, captured.a, captured.g)
-        else:
-            a, g = captured.a, captured.g
+        a, g = block.train_transform(specs, factors, captured.a, captured.g)
         per_layer = {}
         for s in specs:
             x, y = a[s.name], g[s.name][0]
+            layer_query = precond[s.name]
+            if s.name in layer_coordinates:  # queries were rotated back: raw training side
+                x, y = captured.a[s.name], captured.g[s.name][0]
+            if query_rank is not None and "v" in layer_query:  # kept at full rank
+                per_layer[s.name] = (_position_scores(layer_query["v"], x, y) if per_position else
+                                     _layer_scores(layer_query["v"], x, y, max_gradient_bytes))
+                continue
+            if query_rank is not None:  # low-rank factors are in the layers' own coordinates
+                x, y = captured.a[s.name], captured.g[s.name][0]
             if query_rank is not None and _factored_is_cheaper(s, x.shape[0] * x.shape[1],
                                                                int(query_rank), per_position):
                 values = _low_rank_position_scores(precond[s.name], x, y)
@@ -266,7 +343,7 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
                 per_layer[s.name] = _layer_scores(precond[s.name], x, y, max_gradient_bytes)
         total = _reduce(per_layer, captured.calls, granularity, batch["inputs"].shape[1]
                         if per_position else None)
-        return -total, jax.lax.psum(nonfinite_count(captured.outputs), DATA_AXIS)
+        return -total, nonfinite_count(captured.outputs)[None]
 
     def self_influence(params, factors, batch):
         captured = capture(params, batch, training_cotangents(batch))
@@ -283,13 +360,14 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
                 per_layer[s.name] = contrib if per_position else jnp.sum(contrib, axis=-1)
             values = _reduce(per_layer, captured.calls, granularity,
                              batch["inputs"].shape[1] if per_position else None)
-        return values, jax.lax.psum(nonfinite_count(captured.outputs), DATA_AXIS)
+        return values, nonfinite_count(captured.outputs)[None]
 
-    # check_vma=False: capture's zero perturbations are device-local (see curvature.fit).
+    # check_vma=False: capture's zero perturbations are device-local (see curvature.fit). Non-finite
+    # counts stay per device ([num_devices]), so a step needs no collective.
     sharded_pairwise = jax.shard_map(pairwise, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
-                                     out_specs=(P(None, DATA_AXIS), P()), check_vma=False)
+                                     out_specs=(P(None, DATA_AXIS), P(DATA_AXIS)), check_vma=False)
     sharded_self = jax.shard_map(self_influence, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                 out_specs=(P(DATA_AXIS), P()), check_vma=False)
+                                 out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
     tag = f"{block.name}:{granularity}" + ("" if query_rank is None else f":r{query_rank}")
     return ScoreSteps(CompiledStep(query, name=f"{tag}:query"),
                       CompiledStep(sharded_pairwise, name=f"{tag}:pairwise"),
@@ -316,6 +394,7 @@ def _query_plan(curvature: Curvature, num_queries: int, query_batch_size: int,
         per_query = 4 * curvature.num_params
     else:  # the rank-r factors kept per query, plus one block's full gradients while factoring
         per_query = 4 * sum(min(query_rank, s.in_dim, s.out_dim) * (s.in_dim + s.out_dim)
+                            if keeps_low_rank(s, query_rank) else s.num_params
                             for s in curvature.specs)
     full = 4 * curvature.num_params
     # With query_rank, the full gradients of one block being factorised take at most half the
@@ -395,7 +474,7 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
     check_granularity(granularity)
     _check_inputs(apply_fn, params, curvature, queries, "query", target_kind_of(measurement))
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
-    mesh = make_data_mesh(1) if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
     train_batch_size = round_batch_size(train_batch_size, mesh)
     num_q, num_t = num_examples(queries), num_examples(train)
     if store is not None:
@@ -408,27 +487,33 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
                                   measurement=measurement, mesh=mesh,
                                   max_gradient_bytes=max_gradient_bytes, granularity=granularity,
-                                  query_rank=query_rank)
+                                  query_rank=query_rank,
+                                  layer_coordinates=back_rotated_layers(
+                                      curvature.specs, layer_positions(apply_fn, params, train),
+                                      num_examples(queries), num_examples(train)))
     block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes,
                                      query_rank)
-    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    params, factors = put_replicated((params, curvature.factors), mesh)
     sharding = data_sharding(mesh)
     scores = np.zeros((num_q, num_t, *_score_shape(granularity, curvature, train)), np.float32)
+    num_batches = -(-num_t // train_batch_size)
+    # One bar for the whole call: every super-block passes over every training batch.
+    bar = progress_bar(-(-num_q // super_block) * num_batches, desc="pairwise scores")
     for q0 in range(0, num_q, super_block):
         q1 = min(q0 + super_block, num_q)
         precond = _preconditioned_queries(steps.query, params, factors, queries, q0, q1, block,
-                                          super_block)
-        precond = jax.device_put(precond, replicated(mesh))
-        values, first_bad = [], jnp.int32(-1)
-        for number, batch in enumerate(progress(batch_iterator(train, train_batch_size),
-                                                desc="pairwise scores",
-                                                total=-(-num_t // train_batch_size))):
+                                          super_block, mesh)
+        values, first_bad = [], None
+        for number, batch in enumerate(batch_iterator(train, train_batch_size)):
             batch_scores, bad = steps.pairwise(params, factors, precond,
-                                               jax.device_put(batch, sharding))
+                                               put_global(batch, sharding))
             values.append(batch_scores)
-            first_bad = track_first_bad(first_bad, bad, number)
+            first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
+                                        bad, number)
+            bar.update(1)
         raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs")
-        scores[q0:q1] = np.asarray(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
+        scores[q0:q1] = to_host(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
+    bar.close()
     return scores
 
 
@@ -503,8 +588,14 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
     arguments = score_arguments(params, curvature, queries, train, loss=loss,
                                 measurement=measurement, granularity=granularity,
                                 query_rank=query_rank)
-    store = _score_store(store, shape, arguments,
-                         (super_block, min(int(chunk_batches) * train_batch_size, num_t)))
+    layout = (super_block, min(int(chunk_batches) * train_batch_size, num_t))
+    given = store
+    # Process 0 alone creates or checks the store; the others open it once it is there.
+    store = run_on_main(lambda: _score_store(given, shape, arguments, layout),
+                        f"opening the score store {getattr(given, 'path', given)}")
+    if store is None:
+        store = given if isinstance(given, ArrayStore) else ArrayStore.open(given)
+        store.refresh()
     missing = store.missing_chunks()
     if not missing:
         return store
@@ -512,52 +603,70 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
                                   measurement=measurement, mesh=mesh,
                                   max_gradient_bytes=max_gradient_bytes, granularity=granularity,
-                                  query_rank=query_rank)
+                                  query_rank=query_rank,
+                                  layer_coordinates=back_rotated_layers(
+                                      curvature.specs, layer_positions(apply_fn, params, train),
+                                      num_examples(queries), num_examples(train)))
     super_block = store.chunks[0]
     block = min(block, super_block)
-    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    params, factors = put_replicated((params, curvature.factors), mesh)
     sharding = data_sharding(mesh)
     precond, precond_row, pending = None, None, None
-    for chunk in progress(missing, desc="pairwise scores (chunks)"):
+    bar = progress_bar(sum(-(-(c.stop - c.start) // train_batch_size)
+                           for _, c in map(store.chunk_region, missing)), desc="pairwise scores")
+    for chunk in missing:
         rows, cols = store.chunk_region(chunk)
         if precond_row != chunk[0]:  # missing chunks come row by row: one super-block at a time
             precond = _preconditioned_queries(steps.query, params, factors, queries, rows.start,
-                                              rows.stop, block, super_block)
-            precond, precond_row = jax.device_put(precond, replicated(mesh)), chunk[0]
+                                              rows.stop, block, super_block, mesh)
+            precond_row = chunk[0]
         part = subset(train, np.arange(cols.start, cols.stop))
-        values, first_bad = [], jnp.int32(-1)
+        values, first_bad = [], None
         for number, batch in enumerate(batch_iterator(part, train_batch_size)):
             batch_scores, bad = steps.pairwise(params, factors, precond,
-                                               jax.device_put(batch, sharding))
+                                               put_global(batch, sharding))
             values.append(batch_scores)
-            first_bad = track_first_bad(first_bad, bad, number)
+            first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
+                                        bad, number)
+            bar.update(1)
         # Write the previous chunk only now, so the device works on this one meanwhile.
         if pending is not None:
             _write_score_chunk(store, *pending, train_batch_size)
         pending = (chunk, rows, cols, values, first_bad)
     _write_score_chunk(store, *pending, train_batch_size)
+    bar.close()
+    if is_distributed():
+        barrier(f"score store {store.path} written")
+        if not is_main_process():
+            store.refresh()  # the chunks that process 0 recorded
     return store
 
 
 def _write_score_chunk(store: ArrayStore, chunk, rows: slice, cols: slice, values, first_bad,
                        train_batch_size: int) -> None:
-    first = int(first_bad)
+    first = int(first_bad_batch(first_bad))
     if first >= 0:
         lo = cols.start + first * train_batch_size
         raise FloatingPointError(
             f"non-finite training outputs in the batch holding examples {lo}.."
             f"{min(lo + train_batch_size, cols.stop) - 1}; check the data (NaN/inf inputs, "
             "out-of-range targets) and the parameters.")
-    scores = np.asarray(jnp.concatenate(values, axis=1))
-    store.write_chunk(chunk, scores[: rows.stop - rows.start, : cols.stop - cols.start])
+    scores = to_host(jnp.concatenate(values, axis=1))  # gathered on every process
+    if is_main_process():
+        store.write_chunk(chunk, scores[: rows.stop - rows.start, : cols.stop - cols.start])
 
 
-def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block):
-    """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows."""
+def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block,
+                            mesh=None):
+    """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows,
+    replicated on ``mesh`` (computed on every device of it; queries are few)."""
     part = subset(queries, np.arange(q0, q1))
     chunks, first_bad = [], jnp.int32(-1)
     for number, batch in enumerate(batch_iterator(part, block)):
-        grads, bad = step(params, factors, jax.device_put(batch))
+        # Across processes the (small) query batch is put on every device of the global mesh.
+        batch = put_replicated(batch, mesh) if mesh is not None and is_distributed() \
+            else jax.device_put(batch)
+        grads, bad = step(params, factors, batch)
         chunks.append(grads)
         first_bad = track_first_bad(first_bad, bad, number)
     if int(first_bad) >= 0:
@@ -571,7 +680,8 @@ def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super
         value = jnp.concatenate(parts)[: q1 - q0]
         return value if pad <= 0 else jnp.pad(value, ((0, pad),) + ((0, 0),) * (value.ndim - 1))
 
-    return jax.tree.map(stack, *chunks)
+    stacked = jax.tree.map(stack, *chunks)
+    return stacked if mesh is None else put_replicated(stacked, mesh)
 
 
 def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: Dataset, *,
@@ -591,22 +701,23 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
     loss = check_loss(loss)
     check_granularity(granularity)
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
-    mesh = make_data_mesh(1) if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
     batch_size = round_batch_size(batch_size, mesh)
     num_t = num_examples(train)
     if steps is None:
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh,
                                   granularity=granularity)
-    params, factors = jax.device_put((params, curvature.factors), replicated(mesh))
+    params, factors = put_replicated((params, curvature.factors), mesh)
     sharding = data_sharding(mesh)
-    values, first_bad = [], jnp.int32(-1)
+    values, first_bad = [], None
     for number, batch in enumerate(progress(batch_iterator(train, batch_size), desc="self scores",
                                             total=-(-num_t // batch_size))):
-        batch_values, bad = steps.self(params, factors, jax.device_put(batch, sharding))
+        batch_values, bad = steps.self(params, factors, put_global(batch, sharding))
         values.append(batch_values)
-        first_bad = track_first_bad(first_bad, bad, number)
+        first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
+                                    bad, number)
     raise_if_nonfinite(first_bad, batch_size, num_t, "training outputs")
-    out = np.asarray(jnp.concatenate(values))[:num_t]
+    out = to_host(jnp.concatenate(values))[:num_t]
     if not np.all(np.isfinite(out)):
         raise FloatingPointError("non-finite self-influence scores; check data and parameters.")
     return out

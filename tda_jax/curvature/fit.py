@@ -3,11 +3,12 @@
 :func:`fit_curvature` looks the strategy up as a curvature block (:mod:`tda_jax.curvature.blocks`)
 and runs the passes the block declares. Each pass is one compiled step (built by
 :func:`build_fit_steps`, which a caller may hold and reuse) that shards a batch over the ``"data"``
-axis of a mesh, sums the block's statistics locally and reduces them with one ``psum`` per
-statistic; batch totals are added on the device and non-finite values are counted there, so the
-loop never waits for the host until the pass ends. Factors therefore do not depend on the batch
-size or the device count beyond float reassociation. The block then finalises the totals on the
-host (eigendecompositions / Cholesky in ``eigh_dtype``) into a factor pytree.
+axis of a mesh and sums the block's statistics on each device; every device adds the batches up
+in its own partial totals (non-finite values are counted there too), and the partials are summed
+over devices once per pass, so the loop neither communicates nor waits for the host until the
+pass ends. Factors therefore do not depend on the batch size or the device count beyond float
+reassociation. The block then finalises the totals on the host (eigendecompositions / Cholesky in
+``eigh_dtype``) into a factor pytree.
 
 With ``stage_dir`` the statistics of each pass are saved as they finish (with the arguments that
 produced them); a rerun reuses finished passes and refuses different arguments.
@@ -41,7 +42,16 @@ from tda_jax.data import Dataset, batch_iterator, num_examples
 from tda_jax.io import Stage, fingerprint
 from tda_jax.losses import Loss, check_loss, check_targets
 from tda_jax.progress import progress
-from tda_jax.sharding import DATA_AXIS, data_sharding, make_data_mesh, replicated
+from tda_jax.sharding import (
+    DATA_AXIS,
+    broadcast_from_main,
+    data_sharding,
+    default_mesh,
+    is_distributed,
+    put_global,
+    put_replicated,
+    to_host,
+)
 
 Array = jax.Array
 Params = Any
@@ -172,20 +182,29 @@ def round_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 
 def sharded_sum_step(step_fn: Callable[[Params, Any, dict], dict], mesh: jax.sharding.Mesh,
                      name: str = "pass") -> CompiledStep:
-    """Compiles ``step_fn`` over a batch sharded on ``"data"``, with one ``psum`` per statistic.
+    """Compiles ``step_fn`` over a batch sharded on ``"data"``, returning per-device partial sums.
 
     ``step_fn(params, extra, local_batch)`` returns a dict of per-device partial sums (plus a
-    ``"nonfinite"`` count); ``params`` and ``extra`` are replicated.
+    ``"nonfinite"`` count); ``params`` and ``extra`` are replicated. The compiled step returns each
+    statistic with a leading device axis (``[num_devices, ...]``, sharded over ``"data"``): a pass
+    adds batches up on each device without communicating and reduces over devices once, at its
+    end (:func:`reduce_partials`). Per-batch collectives would make every step wait for the slowest
+    device (or process) and pay the collective's latency.
     """
 
     def body(p, e, batch):
-        stats = step_fn(p, e, batch)
-        return jax.tree.map(lambda x: jax.lax.psum(x, DATA_AXIS), stats)
+        return jax.tree.map(lambda x: x[None], step_fn(p, e, batch))
 
     # check_vma=False: the zero perturbations inside capture are device-local; with varying-axis
     # checking their cotangents would be summed over devices.
     return CompiledStep(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                                      out_specs=P(), check_vma=False), name=name)
+                                      out_specs=P(DATA_AXIS), check_vma=False), name=name)
+
+
+@jax.jit
+def reduce_partials(partials: dict) -> dict:
+    """Sums per-device partial totals ``[num_devices, ...]`` over devices (one reduction each)."""
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), partials)
 
 
 def nonfinite_count(*arrays: Array) -> Array:
@@ -203,7 +222,7 @@ def build_fit_steps(apply_fn: ApplyFn, strategy: str | CurvatureBlock, loss: Los
     not compile twice.
     """
     block = get_block(strategy)
-    mesh = make_data_mesh(1) if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
 
     def make(pass_name):
         def step(params, extra, batch):
@@ -229,6 +248,20 @@ def track_first_bad(first_bad: Array, nonfinite: Array, batch_number: Array) -> 
 
 
 @jax.jit
+def first_bad_batch(first_bad: Array) -> Array:
+    """The earliest batch number in per-device records of :func:`track_first_bad`, -1 if none."""
+    flat = jnp.ravel(first_bad)
+    never = jnp.iinfo(jnp.int32).max
+    earliest = jnp.min(jnp.where(flat >= 0, flat, never))
+    return jnp.where(earliest == never, -1, earliest)
+
+
+def start_first_bad(nonfinite: Array) -> Array:
+    """A record of "no bad batch yet" (-1) shaped and sharded like a step's non-finite counts."""
+    return jnp.full_like(nonfinite, -1, dtype=jnp.int32)
+
+
+@jax.jit
 def _accumulate(total, stats, first_bad, batch_number):
     """Adds a batch's totals and tracks the first batch with non-finite values (all on device)."""
     first_bad = track_first_bad(first_bad, stats.pop("nonfinite"), batch_number)
@@ -236,8 +269,11 @@ def _accumulate(total, stats, first_bad, batch_number):
 
 
 def raise_if_nonfinite(first_bad: Array, batch_size: int, num: int, what: str) -> None:
-    """One host sync per pass: raises naming the examples of the first batch with a non-finite value."""
-    first = int(first_bad)
+    """One host sync per pass: raises naming the examples of the first batch with a non-finite value.
+
+    ``first_bad`` is a scalar or per-device record of :func:`track_first_bad`.
+    """
+    first = int(first_bad_batch(first_bad))
     if first >= 0:
         lo, hi = first * batch_size, min((first + 1) * batch_size, num) - 1
         raise FloatingPointError(
@@ -249,22 +285,27 @@ def run_pass(step: CompiledStep, params: Params, extra: Any, dataset: Dataset, b
              mesh: jax.sharding.Mesh, desc: str) -> dict:
     """Sums a :func:`sharded_sum_step` over the dataset (fixed-size padded batches, no recompiles).
 
+    Each device adds its share of every batch to its own partial totals; they are summed over
+    devices once, at the end. Across processes each one feeds its devices' rows of every global
+    batch, and the totals are the same on every process.
+
     Returns:
       The totals as host numpy arrays (``"nonfinite"`` checked once at the end of the pass).
     """
     batch_size = round_batch_size(batch_size, mesh)
     sharding = data_sharding(mesh)
-    params, extra = jax.device_put((params, extra), replicated(mesh))
+    params, extra = put_replicated((params, extra), mesh)
     num = num_examples(dataset)
-    total, first_bad = None, jnp.int32(-1)
+    total, first_bad = None, None
     for number, batch in enumerate(progress(batch_iterator(dataset, batch_size), desc=desc,
                                             total=-(-num // batch_size))):
-        stats = step(params, extra, jax.device_put(batch, sharding))
+        stats = step(params, extra, put_global(batch, sharding))
         if total is None:
             total = jax.tree.map(jnp.zeros_like, {k: v for k, v in stats.items() if k != "nonfinite"})
+            first_bad = start_first_bad(stats["nonfinite"])
         total, first_bad = _accumulate(total, stats, first_bad, jnp.int32(number))
     raise_if_nonfinite(first_bad, batch_size, num, "loss outputs or gradients")
-    return jax.tree.map(np.asarray, total)
+    return to_host(reduce_partials(total))
 
 
 def _settings(block, loss, fisher, num_samples, damping, eigh_dtype, key, params, train, specs):
@@ -308,7 +349,10 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
         ``identity``, which has no curvature to damp.
       batch_size: examples per step (rounded up to a multiple of the device count); does not
         change the result.
-      mesh: a mesh with a ``"data"`` axis to shard batches over; default one device.
+      mesh: a mesh with a ``"data"`` axis to shard batches over; default one device (in a
+        multi-process run, :func:`tda_jax.sharding.global_data_mesh` over every process's
+        devices: each process feeds its share of every batch, and every process returns the
+        same factors, process 0's).
       key: PRNG key (required for ``fisher="sampled"``).
       allow_untracked: parameters outside Kronecker-structured layers (LayerNorm, positional
         tables, layers not selected by ``layers``) are left out of attribution and listed in
@@ -316,7 +360,8 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
       layers: which tracked layers to use: a regular expression searched in layer names (e.g.
         ``"mlp"``) or a list of names; None for all.
       eigh_dtype: host dtype for eigendecompositions / Cholesky.
-      stage_dir: if given, save each pass's statistics there and reuse them on rerun.
+      stage_dir: if given, save each pass's statistics there and reuse them on rerun (written by
+        process 0 of a multi-process run; the directory must be visible to every process).
       steps: compiled steps from :func:`build_fit_steps` to reuse (built here if None).
 
     Returns:
@@ -348,7 +393,7 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
             "left out of the curvature (not in a selected Kronecker-structured layer): %s",
             ", ".join(info.untracked))
     stage = Stage(stage_dir, settings) if stage_dir is not None else None
-    mesh = make_data_mesh(1) if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
     if steps is None and block.passes:
         steps = build_fit_steps(apply_fn, block, loss, specs, fisher=fisher, num_samples=num_samples,
                                 mesh=mesh)
@@ -367,6 +412,11 @@ def fit_curvature(apply_fn: ApplyFn, params: Params, train: Dataset, *,
                 stage.save_arrays(pass_name, _flatten_stats(stats))
         count = float(stats.pop("examples"))
         factors = block.finalize(pass_name, specs, stats, count, factors, damping, eigh_dtype)
+        if is_distributed():
+            # Every process factorised the same totals; process 0's result is taken everywhere so
+            # that later passes and scores agree bit for bit whatever each host's LAPACK does.
+            factors = jax.tree.map(lambda new, old: jnp.asarray(new) if isinstance(old, jax.Array)
+                                   else new, broadcast_from_main(factors), factors)
     if stage is not None and not stage.is_complete():
         stage.mark_complete()
     return Curvature(block.name, specs, factors, settings)

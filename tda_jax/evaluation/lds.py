@@ -45,6 +45,7 @@ from scipy import stats
 from tda_jax.io import Stage, fingerprint
 from tda_jax.losses import check_targets, target_kind_of
 from tda_jax.models import num_outputs_of
+from tda_jax.sharding import is_distributed, is_main_process
 from tda_jax.training import check_training_data, subset_indices, train_in_chunks
 
 Measurement = Callable[[jax.Array, jax.Array], jax.Array]
@@ -285,6 +286,10 @@ def retrain_ground_truth(
     ``m = s * seeds + j`` (subset ``s``, seed ``j``) uses ``jax.random.split(key, num_models)[m]``,
     so results do not depend on the chunk size.
 
+    In a multi-process run (``jax.distributed``) the models of each chunk are split over the
+    global ``"data"`` mesh (every process trains its devices' share), every process returns all
+    the measurements, and process 0 writes the stage.
+
     With ``directory``, the work is a :class:`tda_jax.io.Stage`: each finished chunk is saved at
     once (an interrupted run resumes, losing at most one chunk), a finished stage is reused, and a
     directory made with other settings (key, data, masks, seeds, training config, measurement, chunk
@@ -339,6 +344,8 @@ def retrain_ground_truth(
     num_subsets = masks.shape[0]
     num_models = num_subsets * seeds_per_subset
     chunk = min(models_per_chunk, num_models)
+    if is_distributed():  # chunks are split over every device; the stage records the real size
+        chunk = -(-chunk // jax.device_count()) * jax.device_count()
     model_keys = jax.random.split(key, num_models)
     subset_of_model = np.repeat(np.arange(num_subsets), seeds_per_subset)
 
@@ -373,9 +380,10 @@ def retrain_ground_truth(
     measurements = values.astype(np.float32).reshape(num_subsets, seeds_per_subset, -1)
     if stage is not None:
         stage.save_arrays("ground_truth", {"measurements": measurements})
-        (stage.path("timing.json")).write_text(
-            json.dumps({"seconds": time.perf_counter() - start_time}) + "\n"
-        )
+        if is_main_process():
+            (stage.path("timing.json")).write_text(
+                json.dumps({"seconds": time.perf_counter() - start_time}) + "\n"
+            )
         stage.mark_complete()
     return measurements
 

@@ -31,6 +31,12 @@ Opening a stage whose saved arguments differ from the new ones:
 
 ``overwrite`` never discards a stage whose arguments are equal: it is reused as always.
 
+In a multi-process run (``jax.distributed``) process 0 alone opens, checks and writes the stage
+(arguments, arrays, the marker) and the other processes wait for it: opening a stage,
+:meth:`Stage.save_arrays` and :meth:`Stage.mark_complete` are called by every process and return
+once the files are there, so every process may read them back at once. The directory must be on a
+file system that every process sees.
+
 Example::
 
     stage = Stage(workdir / "factors", {"strategy": "ekfac", "damping": None})
@@ -221,6 +227,14 @@ def _remove_contents(directory: Path) -> list[str]:
     return removed
 
 
+def _on_main(fn: Callable[[], Any], what: str) -> None:
+    """Runs ``fn`` (a write) on process 0 of a multi-process run while the others wait for it
+    (they raise if it fails); just ``fn()`` on one process."""
+    from tda_jax.sharding import run_on_main  # imports jax: only when a stage is used
+
+    run_on_main(fn, what)
+
+
 class Stage:
     """A directory of outputs tied to the arguments that produced them.
 
@@ -244,6 +258,9 @@ class Stage:
         self.directory = Path(directory)
         self.arguments = _jsonable(dict(arguments))
         self.overwrite = _OVERWRITE.get() if overwrite is None else bool(overwrite)
+        _on_main(self._open, f"opening the stage {self.directory}")
+
+    def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args_path = self.directory / _ARGS_FILE
         if not args_path.exists():
@@ -291,8 +308,10 @@ class Stage:
         return (self.directory / _MARKER).exists()
 
     def mark_complete(self) -> None:
-        """Marks the stage finished; call after every output is saved."""
-        atomic_write_text(self.directory / _MARKER, "")
+        """Marks the stage finished; call after every output is saved (on every process of a
+        multi-process run; process 0 writes it)."""
+        _on_main(lambda: atomic_write_text(self.directory / _MARKER, ""),
+                 f"marking the stage {self.directory} complete")
 
     def path(self, name: str) -> Path:
         """The path of the stage's file ``name``."""
@@ -302,17 +321,23 @@ class Stage:
         """Saves a flat mapping of arrays as ``name.npz`` (a finished part) plus a dtype record
         ``name.dtypes.json``, each atomically; the ``.npz`` is written last.
 
-        Refuses to overwrite the outputs of a completed stage.
+        Refuses to overwrite the outputs of a completed stage. In a multi-process run every
+        process calls it (with the same values) and process 0 writes; it returns on every process
+        once the files are there.
         """
-        if self.is_complete():
-            raise FileExistsError(
-                f"stage {self.directory} is complete; refusing to overwrite {name!r}. Delete the "
-                "stage directory to recompute it."
-            )
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        write_json(self.directory / f"{name}.dtypes.json",
-                   {k: str(v.dtype) for k, v in arrays.items()})
-        write_npz(self.directory / f"{name}.npz", arrays)
+
+        def write() -> None:
+            if self.is_complete():
+                raise FileExistsError(
+                    f"stage {self.directory} is complete; refusing to overwrite {name!r}. Delete "
+                    "the stage directory to recompute it."
+                )
+            write_json(self.directory / f"{name}.dtypes.json",
+                       {k: str(v.dtype) for k, v in arrays.items()})
+            write_npz(self.directory / f"{name}.npz", arrays)
+
+        _on_main(write, f"saving {name!r} in the stage {self.directory}")
 
     def _unreadable(self, path: Path, err: BaseException) -> CorruptStageFileError:
         marker = " and the stage's COMPLETE marker" if self.is_complete() else ""

@@ -12,6 +12,10 @@ Step ``s`` counts optimizer updates; step ``s`` (0-based) of the run is batch
 ``epochs[e][b * batch_size:(b + 1) * batch_size]`` (positions in the training ``Dataset``). The
 checkpoint at step ``s`` holds the parameters *before* update ``s`` is applied (after ``s``
 updates); step 0 is the initialization and the last saved step is the final model.
+
+Several processes (``jax.distributed``): every process trains the same model on its own device;
+checkpoints hold that model as an array replicated over the global mesh (orbax writes one copy and
+refuses host-local arrays), and restored values come back as local arrays on every process.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tda_jax.sharding import global_data_mesh, is_distributed, put_replicated, replicated
+
 _SUBDIR = "checkpoints"
 DATA_ORDER_FILE = "data_order.json"
 
@@ -37,15 +43,32 @@ def checkpoint_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(path, options=options)
 
 
+def _global(tree: Any) -> Any:
+    """Across processes: the (identical) local values as arrays replicated on the global mesh."""
+    return put_replicated(tree, global_data_mesh()) if is_distributed() else tree
+
+
+def _local(tree: Any) -> Any:
+    """Across processes: each replicated global array as this process's local copy."""
+    if not is_distributed():
+        return tree
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, params: Any,
                     opt_state: Any) -> None:
     """Saves ``params`` and ``opt_state`` as checkpoint ``step``."""
+    params, opt_state = _global((params, opt_state))
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                opt_state=ocp.args.StandardSave(opt_state)))
     manager.wait_until_finished()
 
 
 def _abstract(tree: Any) -> Any:
+    if is_distributed():  # restored replicated on the global mesh, then taken locally
+        sharding = replicated(global_data_mesh())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+                            tree)
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -55,7 +78,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, params_like: A
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
-    return restored["params"], restored["opt_state"]
+    return _local((restored["params"], restored["opt_state"]))
 
 
 def saved_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
@@ -91,7 +114,7 @@ def load_params(checkpoint_dir: str | os.PathLike, step: int | None = None,
     try:
         restore = (ocp.args.StandardRestore() if params_like is None
                    else ocp.args.StandardRestore(_abstract(params_like)))
-        return manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+        return _local(manager.restore(step, args=ocp.args.Composite(params=restore))["params"])
     finally:
         manager.close()
 

@@ -10,6 +10,11 @@ training up to floating-point reassociation.
 :func:`train_in_chunks` is the one retraining driver: :func:`train_many` (which returns the stacked
 parameters) and :func:`tda_jax.evaluation.retrain_ground_truth` (which keeps one measurement per
 model, chunk by chunk in a resumable stage) both call it.
+
+Several processes (``jax.distributed``): the models of a chunk are split over the global ``"data"``
+mesh (every process trains its devices' share; there is no communication while training), the
+training set is replicated on every device, and each chunk's losses and summaries (or parameters)
+are gathered so that every process returns all of them. Stages are written by process 0.
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ from jax.sharding import Mesh, PartitionSpec
 from tda_jax.data import Dataset
 from tda_jax.io import Stage
 from tda_jax.progress import progress
-from tda_jax.sharding import DATA_AXIS
+from tda_jax.sharding import (
+    DATA_AXIS,
+    data_sharding,
+    global_data_mesh,
+    is_distributed,
+    put_global,
+    put_replicated,
+    to_host,
+)
 from tda_jax.training.checks import check_training_data
 from tda_jax.training.config import TrainConfig
 from tda_jax.training.step import epoch_key, make_train_step, split_training_key
@@ -145,7 +158,8 @@ def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indi
       indices: ``[M, k]`` training rows of each model (:func:`subset_indices`).
       config: training settings.
       models_per_chunk: models per compiled call (bounds memory).
-      mesh: optional 1-D ``"data"`` mesh; a chunk's models are split over its devices.
+      mesh: optional 1-D ``"data"`` mesh; a chunk's models are split over its devices. In a
+        multi-process run the default is the global mesh over every process's devices.
       summarize: optional jitted ``summarize(stacked_params) -> {name: [chunk, ...]}``; the driver
         then keeps only these arrays (e.g. query measurements) instead of the parameters and checks
         that they are finite.
@@ -177,6 +191,8 @@ def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indi
         raise ValueError(f"indices must lie in [0, {n}), got [{indices.min()}, {indices.max()}]")
     subset_size = indices.shape[1]
     chunk = min(int(models_per_chunk), num_models)
+    if mesh is None and is_distributed():
+        mesh = global_data_mesh()
     if mesh is not None:
         if tuple(mesh.axis_names) != (DATA_AXIS,):
             raise ValueError(f"mesh must have the single axis {DATA_AXIS!r} "
@@ -185,7 +201,14 @@ def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indi
     steps_per_epoch = -(-subset_size // int(config.batch_size))
 
     train_chunk = _jitted_train_chunk(model, config, subset_size, mesh)
-    inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
+    if mesh is not None and is_distributed():
+        # Global arrays: the data replicated on every device, each chunk's models split over them.
+        inputs, targets = put_replicated((np.asarray(train_data.inputs),
+                                          np.asarray(train_data.targets)), mesh)
+        place = functools.partial(put_global, sharding=data_sharding(mesh))
+    else:
+        inputs, targets = jnp.asarray(train_data.inputs), jnp.asarray(train_data.targets)
+        place = jnp.asarray
     outputs = []
     starts = range(0, num_models, chunk)
     for chunk_index, begin in enumerate(progress(starts, desc=desc, total=len(starts))):
@@ -195,9 +218,9 @@ def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indi
             continue
         take = np.arange(begin, begin + chunk)
         take = np.where(take < num_models, take, begin)  # pad the chunk with its first model
-        params, losses = train_chunk(keys[take], jnp.asarray(indices[take]), inputs, targets)
+        params, losses = train_chunk(place(keys[take]), place(indices[take]), inputs, targets)
         real = min(chunk, num_models - begin)
-        losses = np.asarray(losses)[:real].reshape(real, -1)  # the chunk's one host sync
+        losses = to_host(losses)[:real].reshape(real, -1)  # the chunk's one host sync
         finite = np.isfinite(losses)
         if not finite.all():
             m, s = np.argwhere(~finite)[0]
@@ -206,9 +229,9 @@ def train_in_chunks(keys: jax.Array, model: nn.Module, train_data: Dataset, indi
                 f"{s} (epoch {s // steps_per_epoch}, batch {s % steps_per_epoch}). Lower the "
                 "learning rate, or check the data for NaN/inf values.")
         if summarize is None:
-            outputs.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real], params))
+            outputs.append(jax.tree.map(lambda leaf: leaf[:real], to_host(params)))
             continue
-        values = {k: np.asarray(v)[:real] for k, v in summarize(params).items()}
+        values = {k: v[:real] for k, v in to_host(summarize(params)).items()}
         for key_name, value in values.items():
             bad = ~np.isfinite(value.reshape(real, -1)).all(axis=1)
             if bad.any():

@@ -1,0 +1,83 @@
+"""One process of benchmarks/scaling.py (started by launch.local): times EK-FAC fitting and scoring.
+
+Every process builds the same problem (random classification data, an MLP at its initialization),
+joins the run (``tda_jax.sharding.initialize_from_env``), does one untimed warm-up call of
+``fit_curvature`` and ``pairwise_scores`` (compilation), then ``--repeats`` timed calls of each,
+every one started after a barrier. Process 0 writes the seconds to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from tda_jax import sharding
+from tda_jax.attribution import fit_curvature, pairwise_scores
+from tda_jax.data import Dataset
+from tda_jax.losses import classification_margin, softmax_cross_entropy
+from tda_jax.models import MLP, apply_fn_of
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--num_train", type=int, default=8192)
+    parser.add_argument("--num_queries", type=int, default=64)
+    parser.add_argument("--input_dim", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sharding.initialize_from_env()
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.num_train + args.num_queries, args.input_dim)).astype(np.float32)
+    y = rng.integers(0, 10, size=len(x)).astype(np.int32)
+    train = Dataset(x[:args.num_train], y[:args.num_train], 10)
+    queries = Dataset(x[args.num_train:], y[args.num_train:], 10)
+    model = MLP(hidden_sizes=(args.hidden, args.hidden), num_outputs=10)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    apply_fn, loss = apply_fn_of(model), softmax_cross_entropy()
+
+    def fit():
+        return fit_curvature(apply_fn, params, train, strategy="ekfac", loss=loss,
+                             batch_size=args.batch_size)
+
+    def score(curvature):
+        return pairwise_scores(apply_fn, params, curvature, queries, train, loss=loss,
+                               measurement=classification_margin,
+                               query_batch_size=args.num_queries,
+                               train_batch_size=args.batch_size)
+
+    def timed(fn, *fn_args):
+        sharding.barrier("timing")
+        start = time.perf_counter()
+        value = fn(*fn_args)
+        return time.perf_counter() - start, value
+
+    started = time.perf_counter()
+    curvature = fit()
+    score(curvature)
+    warmup = time.perf_counter() - started
+    fits, scores = [], []
+    for _ in range(args.repeats):
+        seconds, curvature = timed(fit)
+        fits.append(seconds)
+        seconds, values = timed(score, curvature)
+        scores.append(seconds)
+    if sharding.is_main_process():
+        result = {"processes": jax.process_count(), "devices": jax.device_count(),
+                  "fit_s": fits, "score_s": scores, "warmup_s": warmup,
+                  "num_params": curvature.num_params, "scores_checksum": float(np.sum(values)),
+                  "load_after": list(os.getloadavg())}
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
