@@ -37,8 +37,9 @@ Sign: tda_jax scores ``-grad f^T (F + damping)^-1 grad L`` and kronfluence ``+gr
 sign.
 
 Measured (medians of ``--repeats`` runs after the cold first call, which is reported too): factor
-fitting seconds, pairwise scores (sequence level, ``[Q, N]``), per-token scores (``[Q, N, T]``),
-both again with query batching at rank ``--query-rank`` (ours ``query_rank=r``, kronfluence's
+fitting seconds, pairwise scores (sequence level, ``[Q, N]``), per-token scores (``[Q, N, T]``, for
+the first ``--token-queries`` queries: full-rank per-token scoring costs ``Q x N x T x parameters``
+on both sides), both again with query batching at rank ``--query-rank`` (ours ``query_rank=r``, kronfluence's
 ``query_gradient_low_rank=r``), CPU seconds, XLA compile seconds of our calls, each process's
 peak RSS, per-query Pearson / Spearman agreement of the score matrices, and training tokens
 scored per second. The 1-minute load average at the start and end of each process is recorded.
