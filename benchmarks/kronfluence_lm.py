@@ -447,21 +447,36 @@ def run_all(args: argparse.Namespace) -> dict:
     problem = with_run_settings(get_problem(problem_config(args), args.problem_dir), args)
     settings = json.loads(str(problem["settings"]))
     print(f"settings: {json.dumps(settings)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="kronfluence_lm_") as tmp:
-        tmp = Path(tmp)
-        np.savez(tmp / "problem.npz", **problem)
+    with tempfile.TemporaryDirectory(prefix="kronfluence_lm_") as scratch:
+        # --side-dir keeps each side's result, so a run whose other side failed (or was killed on a
+        # shared machine) can be resumed without redoing the finished side.
+        tmp = Path(args.side_dir) if args.side_dir else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # Same settings, repeats and tda_jax tree (an uncommitted tree is never reused).
+        digest = hashlib.sha1((str(problem["settings"]) + f"|{args.repeats}|{rev}").encode()
+                              ).hexdigest()[:12]
+        if rev.endswith("+uncommitted") or rev == "unknown":
+            digest += f"_{os.getpid()}"
+        paths = {"problem": tmp / f"problem_{digest}.npz",
+                 "tda_jax": tmp / f"tda_jax_{digest}.npz",
+                 "kronfluence": tmp / f"kronfluence_{digest}.npz"}
+        np.savez(paths["problem"], **problem)
         ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "tda_jax",
-                    "--problem", str(tmp / "problem.npz"), "--result", str(tmp / "tda_jax.npz"),
+                    "--problem", str(paths["problem"]), "--result", str(paths["tda_jax"]),
                     "--repeats", str(args.repeats)]
         theirs_cmd = [args.kronfluence_python,
                       str(REPO_ROOT / "benchmarks" / "_kronfluence_lm_side.py"),
-                      "--problem", str(tmp / "problem.npz"),
-                      "--result", str(tmp / "kronfluence.npz"),
-                      "--workdir", str(tmp / "kronfluence_out"), "--repeats", str(args.repeats),
+                      "--problem", str(paths["problem"]),
+                      "--result", str(paths["kronfluence"]),
+                      "--workdir", str(Path(scratch) / "kronfluence_out"),
+                      "--repeats", str(args.repeats),
                       "--logit-tolerance", str(args.logit_tolerance)]
-        _run(ours_cmd, "tda_jax")
-        _run(theirs_cmd, "kronfluence")
-        ours_npz, theirs_npz = np.load(tmp / "tda_jax.npz"), np.load(tmp / "kronfluence.npz")
+        for side, cmd in (("tda_jax", ours_cmd), ("kronfluence", theirs_cmd)):
+            if args.side_dir and paths[side].exists():
+                print(f"[{side}] reusing {paths[side]}", flush=True)
+            else:
+                _run(cmd, side)
+        ours_npz, theirs_npz = np.load(paths["tda_jax"]), np.load(paths["kronfluence"])
         ours = {k[len("scores_"):]: ours_npz[k] for k in ours_npz.files if k.startswith("scores_")}
         theirs = {k[len("scores_"):]: KRONFLUENCE_TO_TDA_JAX_SIGN * theirs_npz[k]
                   for k in theirs_npz.files if k.startswith("scores_")}
@@ -702,7 +717,7 @@ def _non_default_flags(args: argparse.Namespace) -> str:
     """The setting flags that differ from the defaults, for the rerun line."""
     defaults = vars(_parser().parse_args([]))
     skip = {"machine_note", "output", "kronfluence_python", "side", "problem", "result", "json",
-            "from_json", "label", "problem_dir"}
+            "from_json", "label", "problem_dir", "side_dir"}
     if args.quick:
         return " --quick" + "".join(
             f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -757,6 +772,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default="", help="name of this run's tda_jax (default: git)")
     parser.add_argument("--problem-dir", default="",
                         help="cache the trained problem here (same weights across runs)")
+    parser.add_argument("--side-dir", default="",
+                        help="keep each side's result here; a rerun with the same settings reuses "
+                             "a finished side (resume after the other side failed)")
     # Internal: run our side in this (fresh) process.
     parser.add_argument("--side", choices=("tda_jax",), help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
