@@ -484,13 +484,8 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
             train_batch_size=train_batch_size, mesh=mesh, max_gradient_bytes=max_gradient_bytes,
             max_query_bytes=max_query_bytes, steps=steps, chunk_batches=store_chunk_batches)
     if steps is None:
-        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
-                                  measurement=measurement, mesh=mesh,
-                                  max_gradient_bytes=max_gradient_bytes, granularity=granularity,
-                                  query_rank=query_rank,
-                                  layer_coordinates=back_rotated_layers(
-                                      curvature.specs, layer_positions(apply_fn, params, train),
-                                      num_examples(queries), num_examples(train)))
+        steps = _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement,
+                                mesh, max_gradient_bytes, granularity, query_rank)
     block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes,
                                      query_rank)
     params, factors = put_replicated((params, curvature.factors), mesh)
@@ -600,13 +595,8 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
     if not missing:
         return store
     if steps is None:
-        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
-                                  measurement=measurement, mesh=mesh,
-                                  max_gradient_bytes=max_gradient_bytes, granularity=granularity,
-                                  query_rank=query_rank,
-                                  layer_coordinates=back_rotated_layers(
-                                      curvature.specs, layer_positions(apply_fn, params, train),
-                                      num_examples(queries), num_examples(train)))
+        steps = _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement,
+                                mesh, max_gradient_bytes, granularity, query_rank)
     super_block = store.chunks[0]
     block = min(block, super_block)
     params, factors = put_replicated((params, curvature.factors), mesh)
@@ -654,6 +644,18 @@ def _write_score_chunk(store: ArrayStore, chunk, rows: slice, cols: slice, value
     scores = to_host(jnp.concatenate(values, axis=1))  # gathered on every process
     if is_main_process():
         store.write_chunk(chunk, scores[: rows.stop - rows.start, : cols.stop - cols.start])
+
+
+def _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement, mesh,
+                    max_gradient_bytes, granularity, query_rank) -> ScoreSteps:
+    """The score steps :func:`pairwise_scores` builds when not given ``steps``."""
+    return build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
+                             measurement=measurement, mesh=mesh,
+                             max_gradient_bytes=max_gradient_bytes, granularity=granularity,
+                             query_rank=query_rank,
+                             layer_coordinates=back_rotated_layers(
+                                 curvature.specs, layer_positions(apply_fn, params, train),
+                                 num_examples(queries), num_examples(train)))
 
 
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block,
