@@ -158,20 +158,6 @@ def test_unfinished_stage_restarts_and_overwrite_replaces_finished_work(tmp_path
     assert not (directory / "COMPLETE").exists()
 
 
-def test_main_has_an_overwrite_flag_passed_to_train_and_evaluate(tmp_path):
-    script = ("import experiments.mi_bounds.run as r\n"
-              "r.train_and_evaluate = lambda c, w, overwrite=False: print('overwrite', overwrite)\n"
-              "from absl import app\nfrom experiments.mi_bounds import main\napp.run(main.main)\n")
-    env = dict(os.environ, TDA_JAX_PROGRESS="0")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(
-        [sys.executable, "-c", script, "--config=experiments/mi_bounds/configs/default.py:tiny",
-         f"--workdir={tmp_path}", "--overwrite"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "overwrite True" in done.stdout
-
-
 def _fake_gaussian_results():
     names = ("ba", "iwae_lower", "ais_lower", "ais_upper")
     return [{"true_mi_sample": mi, "ais_width": 0.3,

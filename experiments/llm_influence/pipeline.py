@@ -40,8 +40,9 @@ from tda_jax.curvature.blocks import registered_blocks
 from tda_jax.curvature.fisher import FISHER_TYPES
 from tda_jax.evaluation import lds, noise_ceiling, retrain_ground_truth, sample_subsets, summarize
 from tda_jax.evaluation.figures import plot_lds_bars
-from tda_jax.io import Stage, fingerprint, write_json
+from tda_jax.io import Stage, allow_overwrite, fingerprint, write_json, write_npz
 from tda_jax.progress import progress
+from tda_jax.sharding import is_main_process, run_on_main
 
 MEASUREMENT = losses.completion_log_prob
 _STRATEGY_ORDER = ("identity", "diagonal", "kfac", "ekfac", "exact")
@@ -195,8 +196,13 @@ def _read_seconds(directory: Path) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
+def _write_stage_json(path: Path, obj: Any) -> None:
+    """A stage's JSON file, written by process 0 while the others wait (one process: a write)."""
+    run_on_main(lambda: write_json(path, obj), f"writing {path}")
+
+
 def _write_seconds(stage: Stage, seconds: float) -> None:
-    write_json(stage.path("timing.json"), {"seconds": seconds})
+    _write_stage_json(stage.path("timing.json"), {"seconds": seconds})
 
 
 class Problem(NamedTuple):
@@ -328,8 +334,8 @@ def corpus_stage(stage: Stage, corpus: data.FactCorpus, reused: list[str]) -> No
     if stage.is_complete():
         reused.append("corpus")
         return
-    write_json(stage.path("tokenizer.json"), corpus.tokenizer.to_json())
-    write_json(stage.path("corpus.json"), {
+    _write_stage_json(stage.path("tokenizer.json"), corpus.tokenizer.to_json())
+    _write_stage_json(stage.path("corpus.json"), {
         "num_train": corpus.num_train, "vocab_size": corpus.vocab_size, "max_len": corpus.max_len,
         "texts": list(corpus.texts),
         "facts": [f._asdict() for f in corpus.facts],
@@ -377,7 +383,7 @@ def model_stage(config: ml_collections.ConfigDict, stage: Stage, problem: Proble
         metrics[order] = _query_metrics(forward, variables,
                                         data.subset(problem.queries, np.flatnonzero(mask)))
     stage.save_arrays("params", _flatten(variables))
-    write_json(stage.path("metrics.json"), metrics)
+    _write_stage_json(stage.path("metrics.json"), metrics)
     _write_seconds(stage, time.perf_counter() - began)
     stage.mark_complete()
     logging.info("model: %s", json.dumps(metrics))
@@ -402,7 +408,7 @@ def make_curvature_getter(config: ml_collections.ConfigDict, stages: Stages, pro
             batch_size=config.curvature_batch_size, key=problem.curvature_key,
             layers=config.layers, stage_dir=str(stage.path("statistics")))
         if not stage.is_complete():
-            write_json(stage.path("curvature.json"), {
+            _write_stage_json(stage.path("curvature.json"), {
                 "settings": curvature.settings,
                 "damping": {k: float(v) for k, v in curvature.damping.items()},
                 "num_params": curvature.num_params})
@@ -789,7 +795,8 @@ def _curvature_settings(workdir: Path, config) -> dict[str, Any]:
     return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | Path,
+        overwrite: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the experiment and writes ``workdir/results.json`` and the figures.
 
     Order: validate the config, corpus (cheap), open every stage (settings checked), LDS ground
@@ -799,14 +806,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     Args:
       config: see ``experiments/llm_influence/configs/default.py``.
       workdir: the work directory; its finished stages are reused.
+      overwrite: recompute stages whose finished work was made with other settings (deleting it;
+        each replacement is logged) instead of raising.
 
     Returns:
       The results dictionary written to ``results.json``.
 
     Raises:
       ValueError: naming the config field of an invalid setting (before any expensive stage).
-      tda_jax.io.ArgumentMismatchError: if a stage in ``workdir`` was made with other settings.
+      tda_jax.io.ArgumentMismatchError: if a stage in ``workdir`` holds finished work made with
+        other settings and ``overwrite`` is false.
     """
+    with allow_overwrite(overwrite):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     validate_config(config)
     corpus = make_corpus(config)
@@ -875,7 +890,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 def write_outputs(config: ml_collections.ConfigDict, workdir: Path, problem: Problem,
                   results: dict[str, Any], sparsity_plot: dict[str, Any],
                   per_query_arrays: dict[str, np.ndarray]) -> None:
-    """``results.json`` and the figures."""
+    """``results.json`` and the figures (written by process 0 in a multi-process run)."""
+    if not is_main_process():
+        return
     write_json(workdir / "results.json", results)
     n = results["settings"]["num_train"]
     where = f"{n} sequences, {results['settings']['num_queries']} queries"
@@ -898,7 +915,7 @@ def write_outputs(config: ml_collections.ConfigDict, workdir: Path, problem: Pro
                        title=(f"TF-IDF filtering ({config.tfidf.method}; speed-up for "
                               f"{config.tfidf.timing_queries} queries)"))
     if results["lds"] is not None:
-        np.savez(workdir / "lds_per_query.npz", **per_query_arrays)
+        write_npz(workdir / "lds_per_query.npz", per_query_arrays)
         plot_lds_bars(results["lds"], workdir / "lds.png", noise_ceiling=results["noise_ceiling"],
                       title=(f"LDS, fact-corpus LM ({config.lds.num_subsets} subsets x "
                              f"{config.lds.seeds_per_subset} seeds)"))
