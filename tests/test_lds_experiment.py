@@ -2,13 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from experiment_runs import config_with, run_main
 
 from experiments.lds.configs.default import get_config
 from experiments.lds.pipeline import run
@@ -24,22 +22,10 @@ def _finite_summary(summary):
     )
 
 
-def _run_tiny_command(workdir: Path) -> None:
-    """The first run goes through main.py in a fresh process, where the tiny config's
-    ``fast_compile`` (unoptimized XLA backend) can take effect; it is compile-bound."""
-    env = dict(os.environ, TDA_JAX_PROGRESS="0", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        [sys.executable, "-m", "experiments.lds.main",
-         "--config=experiments/lds/configs/default.py:tiny", f"--workdir={workdir}"],
-        cwd=REPO, env=env, check=True, timeout=900,
-    )
-
-
 @pytest.mark.slow
 def test_tiny_run_writes_results_reuses_stages_and_refuses_changed_settings(tmp_path):
     config = get_config("tiny")
-    _run_tiny_command(tmp_path)
+    run_main("lds", tmp_path)
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["lds"]) == METHODS
@@ -83,19 +69,6 @@ def test_tiny_run_writes_results_reuses_stages_and_refuses_changed_settings(tmp_
 
 
 
-def _tiny_with(**changes):
-    """The tiny config with ``changes`` applied (dotted field -> value)."""
-    config = get_config("tiny")
-    for field, value in changes.items():
-        *parents, last = field.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        with node.ignore_type():
-            node[last] = value
-    return config
-
-
 @pytest.mark.parametrize("field, value, expected", [
     ("methods.kfac.strategy", "kfca", "one of ("),
     ("methods.ekfac.fisher", "true", "'expected', 'sampled', 'empirical'"),
@@ -122,7 +95,7 @@ def test_validate_config_names_the_field_and_value(field, value, expected):
     for arg in (None, "tiny", "exact"):
         validate_config(get_config(arg))
     with pytest.raises(ValueError) as error:
-        validate_config(_tiny_with(**{field: value}))
+        validate_config(config_with(get_config, **{field: value}))
     message = str(error.value)
     assert f"config.{field} = {value!r}" in message and expected in message
 
@@ -140,7 +113,7 @@ def test_misspelled_strategy_fails_before_any_stage(tmp_path):
     from experiments.lds.pipeline import validate_config  # noqa: F401 (absent before the fix)
 
     with pytest.raises(ValueError, match="config.methods.kfac.strategy = 'kfca'"):
-        run(_tiny_with(**{"methods.kfac.strategy": "kfca"}), tmp_path)
+        run(config_with(get_config, **{"methods.kfac.strategy": "kfca"}), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,12 +3,10 @@ an interrupted stage without redoing finished work, and refusing changed or inva
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from experiment_runs import run_main
 
 from experiments.llm_influence.configs.default import get_config
 from experiments.llm_influence.pipeline import run
@@ -22,18 +20,6 @@ FIGURES = ("sparsity.png", "order_flip.png", "query_batching.png", "tfidf.png", 
 def _summary_ok(summary, low=-math.inf, high=math.inf):
     return (math.isfinite(summary["mean"]) and math.isfinite(summary["ci95"])
             and summary["ci95"] >= 0 and low <= summary["mean"] <= high)
-
-
-def _run_tiny_command(workdir: Path) -> None:
-    """The first run goes through main.py in a fresh process, where the tiny config's
-    ``fast_compile`` (unoptimized XLA backend) can take effect; it is compile-bound."""
-    env = dict(os.environ, TDA_JAX_PROGRESS="0", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        [sys.executable, "-m", "experiments.llm_influence.main",
-         "--config=experiments/llm_influence/configs/default.py:tiny", f"--workdir={workdir}"],
-        cwd=REPO, env=env, check=True, timeout=900,
-    )
 
 
 def _check_results(saved: dict, config) -> None:
@@ -79,7 +65,7 @@ def _check_results(saved: dict, config) -> None:
 @pytest.mark.slow
 def test_tiny_run_writes_results_resumes_and_refuses_changed_settings(tmp_path):
     config = get_config("tiny")
-    _run_tiny_command(tmp_path)
+    run_main("llm_influence", tmp_path)
 
     saved = json.loads((tmp_path / "results.json").read_text())
     _check_results(saved, config)

@@ -1,14 +1,13 @@
 """End-to-end run of the MI-bounds experiment with its tiny config (experiments/mi_bounds)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_runs import config_with, run_main
 
+from experiments.mi_bounds.configs.default import get_config
 from tda_jax.io import ArgumentMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,23 +16,7 @@ REQUIRED = ("ba", "infonce", "iwae_lower", "iwae_upper", "giwae", "ais_lower", "
 
 
 def _run_tiny(workdir: Path) -> dict:
-    env = dict(os.environ)
-    env["TDA_JAX_PROGRESS"] = "0"
-    env["MPLBACKEND"] = "Agg"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.mi_bounds.main",
-            "--config=experiments/mi_bounds/configs/default.py:tiny",
-            f"--workdir={workdir}",
-        ],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=900,
-    )
+    run_main("mi_bounds", workdir)
     return json.loads((workdir / "results.json").read_text())
 
 
@@ -75,20 +58,6 @@ def test_stage_refuses_mismatched_settings(tmp_path):
         run_gaussian_level(config, level, tmp_path)
 
 
-def _tiny_with(**changes):
-    from experiments.mi_bounds.configs.default import get_config
-
-    config = get_config("tiny")
-    for field, value in changes.items():
-        *parents, last = field.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        with node.ignore_type():
-            node[last] = value
-    return config
-
-
 @pytest.mark.parametrize("field, value, expected", [
     ("vae.data.name", "mnist", "'mnist1d', 'digits'"),
     ("gaussian.mi_levels", (4.0, -1.0), "finite MI values > 0"),
@@ -113,7 +82,7 @@ def test_validate_config_names_the_field_and_value(field, value, expected):
     for arg in (None, "tiny"):
         validate_config(get_config(arg))
     with pytest.raises(ValueError) as error:
-        validate_config(_tiny_with(**{field: value}))
+        validate_config(config_with(get_config, **{field: value}))
     message = str(error.value)
     assert f"config.{field} = {value!r}" in message and expected in message
 
@@ -121,7 +90,7 @@ def test_validate_config_names_the_field_and_value(field, value, expected):
 def test_typo_fails_before_any_stage(tmp_path):
     from experiments.mi_bounds.run import train_and_evaluate, validate_config  # noqa: F401
 
-    config = _tiny_with(**{"vae.data.name": "mnist"})
+    config = config_with(get_config, **{"vae.data.name": "mnist"})
     with pytest.raises(ValueError, match="config.vae.data.name = 'mnist'"):
         train_and_evaluate(config, tmp_path)
     assert list(tmp_path.iterdir()) == []
