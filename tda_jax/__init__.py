@@ -3,7 +3,8 @@
 Attribution half: :mod:`tda_jax.data`, :mod:`tda_jax.models`, :mod:`tda_jax.training`,
 :mod:`tda_jax.capture` (per-example layer statistics from unmodified Flax models),
 :mod:`tda_jax.curvature` (identity, diagonal, K-FAC, EK-FAC, exact), :mod:`tda_jax.attribution`
-(influence scores), :mod:`tda_jax.evaluation` (LDS).
+(influence scores), :mod:`tda_jax.complexity` (IF-COMP pNML complexity),
+:mod:`tda_jax.evaluation` (LDS).
 
 Inference half: :mod:`tda_jax.probability` (log-weights, resampling, SMC, conditional SMC),
 :mod:`tda_jax.mcmc` (HMC, MALA, schedules, AIS, BDMC), :mod:`tda_jax.mi` (mutual-information bounds).
@@ -24,6 +25,7 @@ The most used entry points are re-exported here::
 from tda_jax import (
     attribution,
     capture,
+    complexity,
     curvature,
     data,
     evaluation,
@@ -58,6 +60,7 @@ __all__ = [
     "causal_lm_loss",
     "classification_margin",
     "completion_log_prob",
+    "complexity",
     "curvature",
     "data",
     "evaluation",
