@@ -82,57 +82,73 @@ def check_targets(targets, num_outputs: int, kind: str, role: str = "targets",
     Raises:
       ValueError: naming the offending rows and values, and what to do.
     """
+    from tda_jax.data.dataset import host_array, iter_row_blocks  # (tda_jax.data imports losses)
+
     if kind not in TARGET_KINDS:
         raise ValueError(f"target kind {kind!r} is not one of {TARGET_KINDS}.")
-    targets = np.asarray(targets)
+    targets = host_array(targets)  # memory maps and record sources are checked block by block
     if kind == "token":
         _check_token_targets(targets, num_outputs, role, positions)
         return
+    shape, dtype = tuple(np.shape(targets)), np.dtype(targets.dtype)
     if kind == "class":
-        if not np.issubdtype(targets.dtype, np.integer):
+        if not np.issubdtype(dtype, np.integer):
             raise ValueError(
-                f"{role} has dtype {targets.dtype} but a classification loss/measurement needs integer "
+                f"{role} has dtype {dtype} but a classification loss/measurement needs integer "
                 "class labels; for regression targets use mean_squared_error() (and a real-valued "
                 "measurement such as negative_loss(mean_squared_error())).")
-        if targets.ndim != 1:
-            raise ValueError(f"{role} must be class labels of shape [N]; got shape {targets.shape}.")
-        bad = np.flatnonzero((targets < 0) | (targets >= num_outputs))
-        if bad.size:
-            shown = ", ".join(f"row {int(i)}: {int(targets[i])}" for i in bad[:5])
+        if len(shape) != 1:
+            raise ValueError(f"{role} must be class labels of shape [N]; got shape {shape}.")
+        count, shown = 0, []
+        for start, block in iter_row_blocks(targets):
+            bad = np.flatnonzero((block < 0) | (block >= num_outputs))
+            count += bad.size
+            shown += [f"row {int(i) + start}: {int(block[i])}" for i in bad[:5 - len(shown)]]
+        if count:
             raise ValueError(
-                f"{role} has {bad.size} label(s) outside [0, {num_outputs}) for a model with "
-                f"{num_outputs} outputs ({shown}{', ...' if bad.size > 5 else ''}); fix the labels "
-                "or the model's number of outputs.")
+                f"{role} has {count} label(s) outside [0, {num_outputs}) for a model with "
+                f"{num_outputs} outputs ({', '.join(shown)}{', ...' if count > 5 else ''}); fix the "
+                "labels or the model's number of outputs.")
         return
-    if not np.issubdtype(targets.dtype, np.floating):
-        raise ValueError(f"{role} has dtype {targets.dtype} but a regression loss needs float targets; "
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{role} has dtype {dtype} but a regression loss needs float targets; "
                          "for class labels use softmax_cross_entropy().")
-    per_row = int(np.prod(targets.shape[1:])) if targets.ndim > 1 else 1
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     if per_row != num_outputs:
-        raise ValueError(f"{role} has shape {targets.shape} ({per_row} value(s) per row) but the model "
+        raise ValueError(f"{role} has shape {shape} ({per_row} value(s) per row) but the model "
                          f"has {num_outputs} outputs.")
-    bad = np.flatnonzero(~np.all(np.isfinite(targets.reshape(len(targets), -1)), axis=1))
+    bad = np.concatenate([start + np.flatnonzero(~np.all(np.isfinite(block.reshape(len(block), -1)),
+                                                         axis=1))
+                          for start, block in iter_row_blocks(targets)] or [np.zeros(0, np.int64)])
     if bad.size:
         raise ValueError(f"{role} has non-finite values in rows {bad[:5].tolist()}"
                          f"{' ...' if bad.size > 5 else ''}.")
 
 
-def _check_token_targets(targets: np.ndarray, vocab: int, role: str, positions: int | None) -> None:
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"{role} has dtype {targets.dtype} but a sequence loss/measurement needs "
+def _check_token_targets(targets, vocab: int, role: str, positions: int | None) -> None:
+    from tda_jax.data.dataset import iter_row_blocks
+
+    shape, dtype = tuple(np.shape(targets)), np.dtype(targets.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{role} has dtype {dtype} but a sequence loss/measurement needs "
                          f"integer next-token ids (with {IGNORE} where no loss is taken).")
-    if targets.ndim != 2 or (positions is not None and targets.shape[1] != positions):
+    if len(shape) != 2 or (positions is not None and shape[1] != positions):
         want = f"[N, {positions}]" if positions is not None else "[N, T]"
         raise ValueError(f"{role} must be next-token ids of shape {want} (one per output position); "
-                         f"got shape {targets.shape}.")
-    bad = np.argwhere((targets < IGNORE) | (targets >= vocab))
-    if bad.size:
-        shown = ", ".join(f"row {int(r)} position {int(t)}: {int(targets[r, t])}" for r, t in bad[:5])
+                         f"got shape {shape}.")
+    count, shown, empty = 0, [], []
+    for start, block in iter_row_blocks(targets):
+        bad = np.argwhere((block < IGNORE) | (block >= vocab))
+        count += len(bad)
+        shown += [f"row {int(r) + start} position {int(t)}: {int(block[r, t])}"
+                  for r, t in bad[:5 - len(shown)]]
+        empty.append(start + np.flatnonzero(~np.any(block >= 0, axis=1)))
+    if count:
         raise ValueError(
-            f"{role} has {len(bad)} token id(s) outside [0, {vocab}) for a model with a vocabulary "
-            f"of {vocab} ({shown}{', ...' if len(bad) > 5 else ''}); use {IGNORE} only to mark "
-            "positions without a loss.")
-    empty = np.flatnonzero(~np.any(targets >= 0, axis=1))
+            f"{role} has {count} token id(s) outside [0, {vocab}) for a model with a vocabulary "
+            f"of {vocab} ({', '.join(shown)}{', ...' if count > 5 else ''}); use {IGNORE} only to "
+            "mark positions without a loss.")
+    empty = np.concatenate(empty or [np.zeros(0, np.int64)])
     if empty.size:
         raise ValueError(
             f"{role} rows {empty[:5].tolist()}{' ...' if empty.size > 5 else ''} have no token with a "

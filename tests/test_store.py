@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from tda_jax.attribution import fit_curvature, pairwise_scores
+from tda_jax.attribution import fit_curvature, pairwise_scores, self_scores
 from tda_jax.data import Dataset
 from tda_jax.io import ArgumentMismatchError, ArrayStore, StoreCorruptError
 from tda_jax.io.store import DATA_FILE, HEADER_FILE
@@ -340,3 +340,76 @@ def test_sigkill_at_any_stage_then_rerun_is_bitwise_equal(tmp_path):
     got = ArrayStore.open(work / "scores").read()
     expected = ArrayStore.open(reference / "scores").read()
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+_SELF_PIPELINE = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+
+    import jax
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_compilation_cache_dir", sys.argv[3])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    from tda_jax.attribution import fit_curvature, self_scores
+    from tda_jax.io import ArrayStore
+    from tda_jax.losses import softmax_cross_entropy
+    sys.path.insert(0, sys.argv[4])
+    from test_store import _problem
+
+    work = Path(sys.argv[1])
+    write_chunk, calls = ArrayStore.write_chunk, []
+
+    def stopping_write(self, chunk, values):  # computing the third chunk (after two recorded)
+        calls.append(chunk)
+        if len(calls) == 3:
+            (work / "ready").write_text("self")
+            time.sleep(600)
+        write_chunk(self, chunk, values)
+
+    ArrayStore.write_chunk = stopping_write
+    apply_fn, params, train, _ = _problem()
+    loss = softmax_cross_entropy()
+    curvature = fit_curvature(apply_fn, params, train, strategy="ekfac", loss=loss, batch_size=32)
+    self_scores(apply_fn, params, curvature, train, loss=loss, batch_size=16,
+                store=work / "self", store_chunk_batches=1)
+''')
+
+
+def test_self_scores_store_resumes_after_sigkill_bitwise(tmp_path, monkeypatch):
+    script = tmp_path / "self_pipeline.py"
+    script.write_text(_SELF_PIPELINE)
+    work = tmp_path / "killed"
+    _run_pipeline(work, "self", script)  # SIGKILLed while computing its third chunk
+    partial = ArrayStore.open(work / "self")
+    assert partial.shape == (96,) and partial.chunks == (16,)
+    assert partial.missing_chunks() == [2, 3, 4, 5]
+
+    apply_fn, params, train, _ = _problem()
+    loss = softmax_cross_entropy()
+    curvature = fit_curvature(apply_fn, params, train, strategy="ekfac", loss=loss, batch_size=32)
+    expected = self_scores(apply_fn, params, curvature, train, loss=loss, batch_size=16)
+    real_write, computed = ArrayStore.write_chunk, []
+    monkeypatch.setattr(ArrayStore, "write_chunk", lambda self, chunk, values: (
+        computed.append(chunk), real_write(self, chunk, values)))
+    # Another batch size on resume: the store keeps its layout (16 examples per chunk).
+    store = self_scores(apply_fn, params, curvature, train, loss=loss, batch_size=8,
+                        store=work / "self", store_chunk_batches=5)
+    assert computed == [2, 3, 4, 5] and store.complete and store.chunks == (16,)
+    got = np.asarray(store)
+    np.testing.assert_array_equal(got[:32].view(np.uint32), expected[:32].view(np.uint32))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    again = self_scores(apply_fn, params, curvature, train, loss=loss, batch_size=16,
+                        store=work / "self", steps="unused when every chunk is complete")
+    np.testing.assert_array_equal(np.asarray(again), got)
+
+    module = self_scores(apply_fn, params, curvature, train, loss=loss, granularity="module",
+                         batch_size=16, store=tmp_path / "module", store_chunk_batches=4)
+    assert module.shape == (96, 2) and module.chunks == (64,)
+    np.testing.assert_allclose(module.read().sum(-1), expected, rtol=1e-5)
+    with pytest.raises(ArgumentMismatchError, match="params_fingerprint"):
+        self_scores(apply_fn, jax.tree.map(lambda p: p + 1.0, params), curvature, train, loss=loss,
+                    store=work / "self")
+    with pytest.raises(ValueError, match="store_chunk_batches must be a positive integer"):
+        self_scores(apply_fn, params, curvature, train, loss=loss, store=tmp_path / "x",
+                    store_chunk_batches=0)

@@ -4,7 +4,8 @@ An :class:`ArrayStore` is a directory holding
 
 * ``data.npy``: the array, a plain C-ordered ``.npy`` file (readable by ``np.load(...,
   mmap_mode="r")`` without this module), written through a memory map, so arrays larger than memory
-  are filled piece by piece;
+  are filled piece by piece (a written chunk's pages are released from the process once flushed,
+  so its resident memory stays about one chunk);
 * ``header.json``: shape, dtype, the chunk layout, which chunks are complete, and the
   ``arguments`` that produced the values (compared on every reopen, as :class:`tda_jax.io.Stage`
   does). No pickle anywhere.
@@ -383,6 +384,12 @@ class ArrayStore:
         last += int(np.prod(self.shape[len(region):], dtype=np.int64)) * self.dtype.itemsize
         start = first - first % mmap.ALLOCATIONGRANULARITY
         self._map.flush(start, last - start)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            # The pages are on disk (or dirty in the page cache, which keeps them): unmapping them
+            # from this process keeps its resident set bounded by one chunk however large the
+            # store is; a later read maps them back from the file.
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(mmap.MADV_DONTNEED, start, last - start)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
