@@ -5,11 +5,19 @@ joins the run (``tda_jax.sharding.initialize_from_env``), does one untimed warm-
 ``fit_curvature`` and ``pairwise_scores`` (compilation), then ``--repeats`` timed calls of each,
 every one started after a barrier. Process 0 writes the wall seconds and every process's CPU
 seconds (all its threads, ``time.process_time``) to ``--out`` (JSON).
+
+``--mode=eigh`` times the eigendecomposition stage alone instead: K-FAC covariance statistics of
+an MLP with ``--eigh_layers`` Dense layers of width ``--eigh_width`` (empirical Fisher, one pass
+over ``--eigh_num_train`` examples, untimed), then ``--repeats`` timed calls of
+``tda_jax.curvature.fit.finalize_pass`` (each layer's two float64 eigendecompositions, shared out
+between the processes by cost, then exchanged), plus a checksum of the factors and whether every
+process holds the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -21,14 +29,64 @@ from jax.experimental import multihost_utils
 from tda_jax import sharding
 from tda_jax.attribution import build_score_steps, fit_curvature, pairwise_scores
 from tda_jax.curvature import build_fit_steps, discover_layers
+from tda_jax.curvature.blocks import get_block
+from tda_jax.curvature.fit import finalize_pass, run_pass
 from tda_jax.data import Dataset
 from tda_jax.losses import classification_margin, softmax_cross_entropy
 from tda_jax.models import MLP, apply_fn_of
 
 
+def eigh_stage(args) -> None:
+    """``--mode=eigh``: times ``finalize_pass`` of K-FAC's covariance pass (see the docstring)."""
+    width, rng = args.eigh_width, np.random.default_rng(0)
+    x = rng.normal(size=(args.eigh_num_train, width)).astype(np.float32)
+    y = rng.integers(0, width, size=len(x)).astype(np.int32)
+    train = Dataset(x, y, width)
+    model = MLP(hidden_sizes=(width,) * (args.eigh_layers - 1), num_outputs=width)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    apply_fn, loss = apply_fn_of(model), softmax_cross_entropy()
+    specs = discover_layers(apply_fn, params, train)
+    block = get_block("kfac")
+    steps = build_fit_steps(apply_fn, block, loss, specs, fisher="empirical")
+    mesh = sharding.default_mesh()
+    extra = {"inputs": block.pass_inputs("covariance", specs, block.initial_factors(specs))}
+    stats = run_pass(steps["covariance"], params, extra, train, args.batch_size, mesh, "covariance")
+    count = float(stats.pop("examples"))
+    seconds, cpu = [], []
+    for _ in range(args.repeats):
+        sharding.barrier("timing")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        factors = finalize_pass(block, "covariance", specs, stats, count,
+                                block.initial_factors(specs), None, "float64")
+        seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(factors)]
+    digest = np.frombuffer(hashlib.sha256(b"".join(v.tobytes() for v in leaves)).digest()[:8],
+                           np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    cpus = multihost_utils.process_allgather(np.asarray(cpu, np.float32))
+    if sharding.is_main_process():
+        eig = sum(float(np.sum(factors[s.name]["eigvals_A"]))
+                  * float(np.sum(factors[s.name]["eigvals_G"])) for s in specs)
+        result = {"processes": jax.process_count(), "devices": jax.device_count(),
+                  "eigh_s": seconds,
+                  "eigh_cpu_s": np.reshape(cpus, (jax.process_count(), -1)).tolist(),
+                  "layers": [[s.name, s.in_dim, s.out_dim] for s in specs],
+                  "num_params": int(sum(s.num_params for s in specs)),
+                  "eigenvalue_checksum": eig,
+                  "identical_across_processes": bool(np.all(digests == digests[0])),
+                  "load_after": list(os.getloadavg())}
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=("fit_score", "eigh"), default="fit_score")
+    parser.add_argument("--eigh_layers", type=int, default=8)
+    parser.add_argument("--eigh_width", type=int, default=1024)
+    parser.add_argument("--eigh_num_train", type=int, default=1024)
     parser.add_argument("--num_train", type=int, default=8192)
     parser.add_argument("--num_queries", type=int, default=64)
     parser.add_argument("--input_dim", type=int, default=64)
@@ -37,6 +95,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sharding.initialize_from_env()
+    if args.mode == "eigh":
+        eigh_stage(args)
+        return
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.num_train + args.num_queries, args.input_dim)).astype(np.float32)

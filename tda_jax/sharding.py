@@ -320,3 +320,145 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def assign_by_cost(costs: Sequence[float], num_workers: int) -> list[int]:
+    """A balanced, deterministic assignment of tasks to ``num_workers`` workers by cost.
+
+    Longest processing time first (Graham 1969): tasks in order of decreasing cost (ties: lower
+    index first) go one by one to the least loaded worker (ties: lower worker index). The largest
+    load is at most ``4/3 - 1/(3 num_workers)`` times the best possible one. The result depends only
+    on ``costs`` and ``num_workers``, so every process computes the same assignment.
+
+    Args:
+      costs: the cost of each task (finite, ``>= 0``), e.g. ``in^3 + out^3`` for a layer's two
+        eigendecompositions.
+      num_workers: processes (or devices) to share the tasks.
+
+    Returns:
+      ``owner[i]`` in ``[0, num_workers)`` for every task ``i``.
+
+    Raises:
+      ValueError: ``num_workers < 1`` or a negative or non-finite cost (naming the task).
+    """
+    if int(num_workers) != num_workers or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+    values = [float(c) for c in costs]
+    for index, value in enumerate(values):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"costs[{index}] = {costs[index]!r} must be finite and >= 0.")
+    loads = [0.0] * int(num_workers)
+    owners = [0] * len(values)
+    for index in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+        worker = min(range(len(loads)), key=lambda w: (loads[w], w))
+        owners[index] = worker
+        loads[worker] += values[index]
+    return owners
+
+
+def allgather_bytes(data: bytes | np.ndarray) -> list[np.ndarray]:
+    """Every process's ``data`` (bytes or a 1-D ``uint8`` array, any length), in process order, on
+    every process, as ``uint8`` arrays (a collective).
+
+    Lengths are gathered first, then the buffers padded to the longest; bytes travel as ``uint8``,
+    so nothing is rounded. On one process: ``[data]``.
+    """
+    buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) \
+        else np.asarray(data, np.uint8).reshape(-1)
+    if not is_distributed():
+        return [buffer]
+    from jax.experimental import multihost_utils
+
+    length = np.frombuffer(np.asarray([buffer.size], np.int64).tobytes(), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(length))
+    lengths = [int(np.frombuffer(row.tobytes(), np.int64)[0]) for row in rows]
+    longest = max(max(lengths), 1)
+    if buffer.size < longest:
+        buffer = np.concatenate([buffer, np.zeros(longest - buffer.size, np.uint8)])
+    gathered = np.asarray(multihost_utils.process_allgather(buffer))
+    return [gathered[p, :lengths[p]] for p in range(len(lengths))]
+
+
+def _pack_arrays(arrays: dict[str, Any], error: BaseException | None,
+                 error_rank: float = 0.0) -> np.ndarray:
+    """Named arrays (and an error, if any) as one ``uint8`` buffer: the length of a JSON header,
+    the header (names, dtypes, shapes, offsets), then the raw bytes of every array (one copy)."""
+    import json
+
+    hosts, entries, offset = [], [], 0
+    for name, value in arrays.items():
+        host = np.asarray(value)
+        entries.append([name, host.dtype.name, list(host.shape), offset, int(host.nbytes),
+                        isinstance(value, jax.Array)])
+        hosts.append(host)
+        offset += int(host.nbytes)
+    failure = None if error is None else [type(error).__name__, str(error), float(error_rank)]
+    header = json.dumps({"entries": entries, "error": failure}).encode()
+    start = 8 + len(header)
+    buffer = np.empty(start + offset, np.uint8)
+    buffer[:8] = np.frombuffer(np.asarray([len(header)], np.int64).tobytes(), np.uint8)
+    buffer[8:start] = np.frombuffer(header, np.uint8)
+    for host, entry in zip(hosts, entries):
+        at = start + entry[3]
+        buffer[at:at + entry[4]] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+    return buffer
+
+
+def _unpack_arrays(data: bytes | np.ndarray) -> tuple[dict[str, Any], list | None]:
+    import json
+
+    import jax.numpy as jnp
+
+    data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    size = int(data[:8].view(np.int64)[0]) if data[:8].flags.c_contiguous else \
+        int(np.frombuffer(data[:8].tobytes(), np.int64)[0])
+    header = json.loads(data[8:8 + size].tobytes().decode())
+    start = 8 + size
+    out = {}
+    for name, dtype, shape, offset, nbytes, on_device in header["entries"]:
+        raw = data[start + offset:start + offset + nbytes]  # a view, no copy
+        value = np.ascontiguousarray(raw).view(jnp.dtype(dtype)).reshape(shape)
+        # jnp.asarray copies onto the device; a host value is copied out of the shared buffer.
+        out[name] = jnp.asarray(value) if on_device else value.copy()
+    return out, header["error"]
+
+
+_ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, FloatingPointError,
+                                         ArithmeticError, np.linalg.LinAlgError)}
+
+
+def exchange_arrays(local: dict[str, Any], error: BaseException | None = None,
+                    error_rank: float = 0.0) -> dict[str, Any]:
+    """The union of every process's named arrays, on every process, bit for bit (a collective).
+
+    Each process contributes the arrays it computed (e.g. the factors of the layers it was
+    assigned); every process gets all of them: numpy arrays, or ``jax.Array`` where the owner held
+    one (the same bytes, any dtype). If processes failed (``error``), every process raises the
+    failure with the lowest ``(error_rank, process)`` (e.g. the first failing layer, as one
+    process would): its process its own error, the others the same kind of error with the
+    process and message. On one process ``local`` is returned (``error`` re-raised).
+
+    Raises:
+      ValueError: two processes contributed the same name; or the error of a failing process.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return dict(local)
+    parts = allgather_bytes(_pack_arrays(local, error, error_rank))
+    merged: dict[str, Any] = {}
+    failures = []
+    for process, data in enumerate(parts):
+        arrays, failure = _unpack_arrays(data)
+        if failure is not None:
+            failures.append((process, failure))
+        for name, value in arrays.items():
+            if name in merged:
+                raise ValueError(f"array {name!r} was computed by more than one process.")
+            merged[name] = local[name] if process == jax.process_index() else value
+    if failures:
+        process, (kind, message, _) = min(failures, key=lambda f: (f[1][2], f[0]))
+        if process == jax.process_index():
+            raise error
+        raise _ERRORS.get(kind, RuntimeError)(f"process {process}: {message}")
+    return merged

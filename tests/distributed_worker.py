@@ -1,8 +1,11 @@
 """One process of the multi-process test (tests/test_distributed.py), started by launch.local.
 
-Every process fits EK-FAC factors, computes pairwise scores (in memory, over two query
+Every process fits EK-FAC factors (and K-FAC factors of a 4-layer MLP; each process
+eigendecomposes only the layers assigned to it, then all factors are exchanged), computes
+pairwise scores (in memory, over two query
 super-blocks, and into an array store), self scores, a tiny LDS ground truth and one model
-trained with checkpoints, with the library's defaults (the global ``"data"`` mesh), then saves
+trained with checkpoints, and records the error of a fit whose preconditioner is singular in
+one layer, with the library's defaults (the global ``"data"`` mesh), then saves
 what it got to ``<out>/process_<i>.npz``. The test computes the same with one process and one
 device through :func:`compute`.
 
@@ -22,6 +25,7 @@ import numpy as np
 
 from tda_jax import sharding
 from tda_jax.attribution import fit_curvature, pairwise_scores, self_scores
+from tda_jax.curvature.blocks import LayerwiseBlock
 from tda_jax.data import Dataset
 from tda_jax.evaluation import retrain_ground_truth, sample_subsets
 from tda_jax.losses import classification_margin, softmax_cross_entropy
@@ -73,13 +77,44 @@ def compute(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
                      checkpoint_dir=workdir / "trained") for _ in range(2)]
     factors = {f"factor/{jax.tree_util.keystr(path)}": np.asarray(leaf) for path, leaf in
                jax.tree_util.tree_flatten_with_path(curvature.factors)[0]}
+    # K-FAC on a deeper MLP: its 4 layers' eigendecompositions are shared out between processes.
+    deep = MLP(hidden_sizes=(6, 5, 4), num_outputs=3)
+    deep_params = deep.init(jax.random.key(4), np.asarray(train_set.inputs[:1]))["params"]
+    kfac = fit_curvature(apply_fn_of(deep), deep_params, train_set, strategy="kfac", loss=loss,
+                         batch_size=BATCH)
+    factors.update({f"kfac/{jax.tree_util.keystr(path)}": np.asarray(leaf) for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(kfac.factors)[0]})
+    # A constant input feature makes layer Dense_0's preconditioner singular without damping:
+    # whichever process owns that layer, every process must raise (none may wait forever).
+    constant = Dataset(np.asarray(train_set.inputs) * np.asarray([1, 1, 1, 1, 0], np.float32),
+                       train_set.targets, 3)
+    try:
+        fit_curvature(apply_fn, params, constant, strategy="kfac", loss=loss, damping=0.0,
+                      batch_size=BATCH)
+        singular = "no error"
+    except ValueError as err:
+        singular = str(err)
     trained = {f"trained{i}/{jax.tree_util.keystr(path)}": np.asarray(leaf)
                for i, run in enumerate(trained)
                for path, leaf in jax.tree_util.tree_flatten_with_path(run)[0]}
     return {**factors, "dense": np.asarray(curvature.to_dense(damped=True)),
+            "kfac_dense": np.asarray(kfac.to_dense(damped=True)), "singular_error": singular,
             "dense_reloaded": np.asarray(reloaded.to_dense(damped=True)),
             "pairwise": scores, "stored": np.asarray(store), "self": own,
             "ground_truth": ground_truth, **trained}
+
+
+def record_finalized_layers() -> list[str]:
+    """Patches :meth:`LayerwiseBlock.finalize_layer` to list ``block:pass:layer`` of every call."""
+    done: list[str] = []
+    original = LayerwiseBlock.finalize_layer
+
+    def recording(self, pass_name, spec, *args, **kwargs):
+        done.append(f"{self.name}:{pass_name}:{spec.name}")
+        return original(self, pass_name, spec, *args, **kwargs)
+
+    LayerwiseBlock.finalize_layer = recording
+    return done
 
 
 def main() -> None:
@@ -89,7 +124,9 @@ def main() -> None:
     if not sharding.initialize_from_env():
         sys.exit("expected the environment of launch.local (TDA_JAX_COORDINATOR, ...)")
     jax.config.update("jax_numpy_dtype_promotion", "strict")  # as the test suite runs
+    finalized = record_finalized_layers()
     results = compute(out / "work")
+    results["finalized"] = np.asarray(finalized)
     results["devices"] = np.asarray([jax.device_count(), jax.local_device_count()])
     np.savez(out / f"process_{jax.process_index()}.npz", **results)
 

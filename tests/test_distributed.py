@@ -1,13 +1,16 @@
 """Several processes (jax.distributed over loopback, gloo collectives) give the one-process results.
 
 The slow test starts 2 processes x 2 forced CPU devices with ``python -m launch.local`` running
-``tests/distributed_worker.py`` and compares EK-FAC factors, pairwise scores (in memory and into a
+``tests/distributed_worker.py`` and compares EK-FAC and K-FAC factors (each layer finalised by the
+one process it is assigned to, then exchanged), pairwise scores (in memory and into a
 store), self scores, an LDS ground truth and a checkpointed training run with the same computation
 on 1 process x 1 device.
-The other tests cover the helpers' single-process behaviour (the launchers' commands are checked
-in tests/test_launch.py).
+The other tests cover the assignment of layers to processes (balanced against an exhaustive
+optimum, deterministic), the byte exchange's packing, and the helpers' single-process behaviour
+(the launchers' commands are checked in tests/test_launch.py).
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import pytest
 
 import tda_jax.attribution.influence as influence
 from tda_jax import sharding
+from tda_jax.curvature.blocks import LayerwiseBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +72,79 @@ def test_helpers_on_one_process_are_the_plain_calls():
 
 
 # --------------------------------------------------------------------------------------------------
+# Factors distributed by layer: the assignment and the exchange.
+
+
+def _makespan(costs, owners, workers):
+    loads = [0.0] * workers
+    for cost, owner in zip(costs, owners):
+        loads[owner] += cost
+    return max(loads)
+
+
+def test_assign_by_cost_is_within_the_lpt_bound_of_the_optimum():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        workers = int(rng.integers(1, 4))
+        size = int(rng.integers(1, 8))
+        costs = rng.choice([1.0, 8.0, 27.0, 1000.0, 1331.0], size=size)
+        if trial % 2:  # layer-like costs in^3 + out^3
+            costs = (rng.integers(2, 40, size=size) ** 3 + rng.integers(2, 40, size=size) ** 3
+                     ).astype(float)
+        owners = sharding.assign_by_cost(costs.tolist(), workers)
+        assert len(owners) == len(costs) and all(0 <= o < workers for o in owners)
+        assert owners == sharding.assign_by_cost(list(costs), workers)  # deterministic
+        best = min(_makespan(costs, assignment, workers) for assignment in
+                   itertools.product(range(workers), repeat=len(costs)))
+        assert _makespan(costs, owners, workers) <= (4 / 3 - 1 / (3 * workers)) * best + 1e-9
+
+
+def test_assign_by_cost_examples():
+    # Equal costs: round robin, every worker within one task of the others.
+    assert sharding.assign_by_cost([1.0] * 5, 2) == [0, 1, 0, 1, 0]
+    # The big layer alone on one worker, the small ones together on the other.
+    assert sharding.assign_by_cost([1.0, 10.0, 3.0, 4.0], 2) == [1, 0, 1, 1]
+    assert sharding.assign_by_cost([], 3) == []
+    assert sharding.assign_by_cost([5.0, 2.0], 1) == [0, 0]
+    # Seven MLP layers of width 1024 and a 10-way head over 2 processes: 4 + 4 layers.
+    costs = [1025.0 ** 3 + 1024.0 ** 3] * 7 + [1025.0 ** 3 + 10.0 ** 3]
+    owners = sharding.assign_by_cost(costs, 2)
+    assert sorted(owners) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("costs, workers, match", [
+    ([1.0], 0, "num_workers"), ([1.0, -2.0], 2, r"costs\[1\]"), ([float("nan")], 2, r"costs\[0\]"),
+])
+def test_assign_by_cost_names_bad_arguments(costs, workers, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.assign_by_cost(costs, workers)
+
+
+def test_packed_arrays_round_trip_bit_for_bit():
+    arrays = {"a::x": np.asarray([1.5, np.pi], np.float64),
+              "b::bf": jnp.asarray([1.25, 3.0], jnp.bfloat16),
+              "c::i": np.arange(6, dtype=np.int32).reshape(2, 3), "d::s": jnp.float32(0.1)}
+    unpacked, error = sharding._unpack_arrays(sharding._pack_arrays(arrays, None))
+    assert error is None and list(unpacked) == list(arrays)
+    for name, value in arrays.items():
+        assert isinstance(unpacked[name], jax.Array) == isinstance(value, jax.Array), name
+        assert unpacked[name].dtype == value.dtype and unpacked[name].shape == value.shape
+        np.testing.assert_array_equal(np.asarray(unpacked[name]).reshape(-1).view(np.uint8),
+                                      np.asarray(value).reshape(-1).view(np.uint8))
+    _, error = sharding._unpack_arrays(sharding._pack_arrays({}, ValueError("layer 'x' singular"),
+                                                             3))
+    assert error == ["ValueError", "layer 'x' singular", 3.0]
+
+
+def test_exchange_on_one_process_returns_the_local_arrays_or_raises():
+    local = {"x::y": np.ones(2)}
+    assert sharding.exchange_arrays(local) == local
+    with pytest.raises(FloatingPointError, match="bad"):
+        sharding.exchange_arrays({}, FloatingPointError("bad"))
+    assert sharding.allgather_bytes(b"abc")[0].tobytes() == b"abc"
+
+
+# --------------------------------------------------------------------------------------------------
 # 2 processes x 2 devices against 1 process x 1 device.
 
 
@@ -96,6 +173,14 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(influence, "progress_bar", RecordingBar)
+    finalized = []
+    original = LayerwiseBlock.finalize_layer
+
+    def recording(self, pass_name, spec, *args, **kwargs):
+        finalized.append(f"{self.name}:{pass_name}:{spec.name}")
+        return original(self, pass_name, spec, *args, **kwargs)
+
+    monkeypatch.setattr(LayerwiseBlock, "finalize_layer", recording)
     try:
         reference = distributed_worker.compute(tmp_path / "reference")
         code = started.wait(timeout=300)
@@ -111,6 +196,18 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
     assert "pairwise scores" in logs[0] and "pairwise scores" not in logs[1]
     results = [dict(np.load(out / f"process_{i}.npz")) for i in range(2)]
     assert results[0]["devices"].tolist() == [4, 2]  # 4 devices in all, 2 per process
+    # Each layer of each pass was finalised by exactly one process (both had work), and the
+    # singular layer's error was raised on both, the owner's own and the other's naming it.
+    done = [results[i].pop("finalized").tolist() for i in range(2)]
+    assert set(done[0]) | set(done[1]) == set(finalized)
+    ekfac = [[layer for layer in part if layer.startswith("ekfac:")] for part in done]
+    assert ekfac[0] and ekfac[1] and not set(ekfac[0]) & set(ekfac[1])
+    assert sorted(ekfac[0] + ekfac[1]) == sorted(x for x in finalized if x.startswith("ekfac:"))
+    errors = [str(results[i].pop("singular_error")) for i in range(2)]
+    expected_error = reference.pop("singular_error")
+    assert "singular" in expected_error and "Dense_0" in expected_error
+    assert all("layer 'Dense_0' (kfac)" in error and "singular" in error for error in errors), errors
+    assert sum(error.startswith("process ") for error in errors) == 1, errors  # the non-owner's
     for key in reference:
         # Every process holds the same values, bit for bit (factors broadcast, scores gathered).
         np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)

@@ -275,3 +275,86 @@ def test_low_rank_queries_are_returned_in_layer_coordinates():
            jnp.einsum("ij,qjk,lk->qil", qa, low, qg), rtol=1e-5)
     assert set(out["small"]) == {"v"}
     np.testing.assert_array_equal(out["small"]["v"], small)
+
+
+def _trim_problem(monkeypatch):
+    """The untied problem with training rows shuffled by length and a trim multiple of 2, so
+    batches of 4 are cut to 2, 4 or 5 positions (the model's LENGTH is below the default 8)."""
+    import tda_jax.curvature.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "TRIM_MULTIPLE", 2)
+    problem, _ = _problem(False)
+    order = np.random.default_rng(0).permutation(NUM_TRAIN)
+    train = Dataset(*(np.asarray(v)[order] for v in (problem.train.inputs, problem.train.targets)),
+                    VOCAB, problem.train.input_mask[order])
+    return dataclasses.replace(problem, train=train)
+
+
+def test_trim_padding_gives_the_same_factors_and_scores(monkeypatch):
+    problem = _trim_problem(monkeypatch)
+    lengths = problem.train.input_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2  # several buckets, in shuffled order
+    fit = functools.partial(fit_curvature, problem.apply_fn, problem.params, problem.train,
+                            strategy="ekfac", loss=problem.loss, fisher="empirical", batch_size=4,
+                            damping=DAMPING)
+    plain, trimmed = fit(), fit(trim_padding=True)
+    for a, b in zip(jax.tree.leaves(plain.factors), jax.tree.leaves(trimmed.factors)):
+        _close(b, a, rtol=1e-5)
+    score = functools.partial(pairwise_scores, problem.apply_fn, problem.params, plain,
+                              problem.queries, problem.train, loss=problem.loss,
+                              measurement=completion_log_prob, train_batch_size=4,
+                              query_batch_size=2)
+    for kwargs in ({"granularity": "token"}, {"query_rank": 1}):  # token scores sum to sequence
+        expected, got = score(**kwargs), score(trim_padding=True, **kwargs)
+        assert got.shape == expected.shape
+        _close(got, expected, rtol=1e-5)
+    self_kwargs = dict(loss=problem.loss, granularity="token", batch_size=4)
+    _close(self_scores(problem.apply_fn, problem.params, plain, problem.train, trim_padding=True,
+                       **self_kwargs),
+           self_scores(problem.apply_fn, problem.params, plain, problem.train, **self_kwargs),
+           rtol=1e-5)
+
+
+def test_trim_padding_refuses_targets_in_trailing_padding():
+    problem, _ = _problem(False)
+    targets = problem.train.targets.copy()
+    row = int(np.flatnonzero(problem.train.input_mask[:, -1] == 0)[0])
+    targets[row, -1] = 1  # a loss target after the last real input token
+    bad = problem.train._replace(targets=targets)
+    with pytest.raises(ValueError, match=rf"rows \[{row}\].*trailing padding"):
+        fit_curvature(problem.apply_fn, problem.params, bad, strategy="kfac", loss=problem.loss,
+                      fisher="empirical", trim_padding=True)
+    with pytest.raises(ValueError, match="input_mask"):
+        fit_curvature(problem.apply_fn, problem.params, problem.train._replace(input_mask=None),
+                      strategy="kfac", loss=problem.loss, fisher="empirical", trim_padding=True)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 9), (3, 9, 5)])
+def test_truncate_rank_is_the_truncated_svd(shape):
+    from tda_jax.attribution.influence import truncate_rank
+
+    v = np.asarray(jax.random.normal(jax.random.key(2), shape), np.float64)
+    u, w = truncate_rank(jnp.asarray(v, jnp.float32), 2)
+    left, values, right = np.linalg.svd(v, full_matrices=False)
+    expected = (left[..., :2] * values[:, None, :2]) @ right[:, :2]
+    _close(np.einsum("qir,qor->qio", u, w), expected, rtol=1e-4)
+    u, w = truncate_rank(jnp.asarray(v, jnp.float32), 99)  # full rank: exact
+    _close(np.einsum("qir,qor->qio", u, w), v, rtol=1e-4)
+
+
+def test_low_rank_queries_expanded_once_score_like_the_factored_ones():
+    from tda_jax.attribution import build_score_steps
+
+    problem, specs = _problem(False)
+    curvature = _fit(False, "ekfac")
+    names = tuple(s.name for s in curvature.specs)
+
+    def scores(expand):
+        steps = build_score_steps(problem.apply_fn, "ekfac", curvature.specs, loss=problem.loss,
+                                  measurement=completion_log_prob, query_rank=1,
+                                  expand_low_rank=expand)
+        return pairwise_scores(problem.apply_fn, problem.params, curvature, problem.queries,
+                               problem.train, loss=problem.loss, measurement=completion_log_prob,
+                               query_rank=1, train_batch_size=8, steps=steps)
+
+    _close(scores(names), scores(()), rtol=1e-5)

@@ -22,9 +22,13 @@ How the work is laid out (:func:`pairwise_scores`):
   contracted with every query of the super-block. The training side's layer inputs ``a`` and output
   gradients ``g`` are mapped into the block's score coordinates (for K-FAC / EK-FAC: rotated into the
   Kronecker eigenbasis), so queries are never rotated back.
-* Per layer and batch, if the batch's ``[B, in, out]`` gradients fit in ``max_gradient_bytes`` XLA
-  chooses the contraction order; otherwise the factored order ``sum_t (a_t^T V_q) g_t`` is forced, so
-  per-example gradients of large layers are never formed.
+* Per layer and batch, if the batch's ``[B, in, out]`` gradients fit in ``max_gradient_bytes`` they
+  are formed and every query scored by one matrix product ``[Q, in out] @ [in out, B]``; otherwise
+  the factored order ``sum_t (a_t^T V_q) g_t`` is forced, so per-example gradients of large layers
+  are never formed.
+* ``trim_padding=True`` (sequence data with an ``input_mask``, causal models): examples are batched
+  by real length and each batch's trailing padding is cut (:func:`tda_jax.curvature.fit.trimmed_batches`);
+  scores are scattered back to dataset order.
 * Nothing waits for the host inside the loops: scores and non-finite counts stay on the device until
   a super-block ends.
 * Queries are preconditioned from their captured ``a``, ``g`` (:meth:`CurvatureBlock.query_from_factors`):
@@ -37,9 +41,12 @@ same way. ``granularity="token"`` splits each score over the training sequence's
 (``a_t^T V_q g_t`` summed over the positions of every layer call at token ``t``; ``[Q, N, T]``),
 ``granularity="module"`` over tracked layers (``[Q, N, L]``); both sum to the sequence score.
 ``query_rank=r`` is the query batching of Grosse et al. (2023): each layer's preconditioned query
-gradient is replaced by its rank-``r`` SVD ``u w^T`` (in the layer's own coordinates, so training
-gradients are not rotated) and the score ``sum_t (a_t . u)(g_t . w)`` costs ``r (in + out)`` per
-query and training position instead of ``in out``.
+gradient is replaced by its rank-``r`` truncated SVD ``u w^T`` (from the eigendecomposition of the
+smaller Gram matrix, :func:`truncate_rank`; in the layer's own coordinates, so training gradients are
+not rotated) and the score ``sum_t (a_t . u)(g_t . w)`` costs ``r (in + out)`` per query and
+training position instead of ``in out``. Where that is dearer than scoring ``u w^T`` at full rank
+(sequence scores of long sequences: ``T r (in + out) > in out``), ``u w^T`` is expanded once per
+query block instead (:func:`expanded_low_rank_layers`).
 
 With ``store=`` (a directory or an :class:`tda_jax.io.ArrayStore`) scores go to disk chunk by chunk
 instead of into one host matrix: a chunk is one query super-block x ``store_chunk_batches`` training
@@ -70,21 +77,25 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from tda_jax.capture.layers import ApplyFn, LayerSpec, output_shapes
-from tda_jax.capture.statistics import layer_statistics, loss_cotangents
+from tda_jax.capture.statistics import check_compute_dtype, layer_statistics, loss_cotangents
 from tda_jax.compile import CompiledStep
 from tda_jax.curvature.blocks import get_block
+from tda_jax.curvature.blocks.base import lapack_threads
 from tda_jax.curvature.estimate import Curvature
 from tda_jax.curvature.fit import (
+    TRIM_MULTIPLE,
     check_compatible,
     first_bad_batch,
     inspect_model,
     nonfinite_count,
     raise_if_nonfinite,
+    real_lengths,
     round_batch_size,
     start_first_bad,
     track_first_bad,
+    trimmed_batches,
 )
-from tda_jax.data import Dataset, batch_iterator, num_examples, subset
+from tda_jax.data import Dataset, as_dataset, batches_in_order, num_examples, subset
 from tda_jax.io import ArrayStore, fingerprint
 from tda_jax.losses import Loss, MeasurementFn, check_loss, check_targets, target_kind_of
 from tda_jax.progress import progress, progress_bar
@@ -135,14 +146,17 @@ def check_granularity(granularity: str) -> None:
 def _layer_scores(precond: Array, a: Array, g: Array, max_gradient_bytes: int) -> Array:
     """``sum_t a_t^T V_q g_t`` -> ``[Q, B]`` for one layer (any coordinates, same on both sides).
 
-    If the batch's per-example gradients ``[B, in, out]`` fit in ``max_gradient_bytes`` the
-    contraction order is left to XLA (for ``T = 1`` it forms that batch-sized intermediate, the
-    fastest order); otherwise the factored order ``(a V_q) . g`` is forced, which never forms a
-    per-example gradient.
+    If the batch's per-example gradients ``[B, in, out]`` fit in ``max_gradient_bytes`` they are
+    formed (``B T in out`` flops) and all queries are scored with one matrix product
+    ``[Q, in out] @ [in out, B]`` (no transpose of either side); otherwise the factored order
+    ``(a V_q) . g`` is forced, which never forms a per-example gradient.
     """
     batch, positions, fan_in = a.shape
-    if batch * fan_in * g.shape[-1] * a.dtype.itemsize <= max_gradient_bytes:
-        return jnp.einsum("qio,bti,bto->qb", precond, a, g)
+    fan_out = g.shape[-1]
+    if batch * fan_in * fan_out * a.dtype.itemsize <= max_gradient_bytes:
+        grads = jnp.einsum("bti,bto->bio", a, g).reshape(batch, fan_in * fan_out)
+        flat = precond.reshape(precond.shape[0], fan_in * fan_out)
+        return jax.lax.dot_general(flat, grads, (((1,), (1,)), ((), ())))
     return jnp.sum(_position_scores(precond, a, g), axis=-1)
 
 
@@ -208,9 +222,32 @@ def keeps_low_rank(spec: LayerSpec, rank: int) -> bool:
         spec.in_dim * spec.out_dim
 
 
-def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> dict[str, dict]:
-    """Rank-``rank`` SVD of each layer's preconditioned query gradient (Grosse et al. 2023's
-    query batching), returned in the layers' own coordinates: ``V ~ u w^T``."""
+def truncate_rank(v: Array, rank: int) -> tuple[Array, Array]:
+    """Best rank-``rank`` approximation ``v ~ u w^T`` of each ``v [Q, m, n]`` (the truncated SVD)
+    -> ``u [Q, m, r]``, ``w [Q, n, r]``, ``r = min(rank, m, n)``.
+
+    Computed from the eigendecomposition of the smaller Gram matrix (``v v^T`` if ``m <= n``): its
+    top-``r`` eigenvectors ``E`` span the top-``r`` left singular vectors, so ``u = E`` and
+    ``w = v^T E`` (``E E^T v`` is the truncated SVD); symmetric ``eigh`` of a ``min(m, n)``-sized
+    matrix is much cheaper on CPU than an SVD of ``v``. Exact when ``r = min(m, n)``.
+    """
+    m, n = v.shape[-2:]
+    r = min(rank, m, n)
+    if m <= n:
+        _, vecs = jnp.linalg.eigh(v @ jnp.swapaxes(v, 1, 2))
+        e = vecs[..., ::-1][..., :r]  # eigh sorts ascending
+        return e, jnp.swapaxes(v, 1, 2) @ e
+    _, vecs = jnp.linalg.eigh(jnp.swapaxes(v, 1, 2) @ v)
+    e = vecs[..., ::-1][..., :r]
+    return v @ e, e
+
+
+def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int,
+              expand: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Rank-``rank`` truncated SVD (:func:`truncate_rank`) of each layer's preconditioned query
+    gradient (Grosse et al. 2023's query batching), returned in the layers' own coordinates:
+    ``V ~ u w^T``; layers in ``expand`` get the product ``{"v_layer": u w^T}`` instead (scored at
+    full rank: cheaper than the factored form when training sequences are long)."""
     bases = block.score_basis(specs, factors)
     out = {}
     for s in specs:
@@ -218,13 +255,34 @@ def _low_rank(block, specs, factors, precond: dict[str, Array], rank: int) -> di
         if not keeps_low_rank(s, rank):  # rank-r factors would be no smaller: keep V as it is
             out[s.name] = {"v": v}
             continue
-        r = min(rank, s.in_dim, s.out_dim)
-        left, values, right = jnp.linalg.svd(v, full_matrices=False)
-        u = left[..., :r] * values[:, None, :r]
-        w = jnp.swapaxes(right[:, :r, :], 1, 2)
+        u, w = truncate_rank(v, rank)
         qa, qg = bases[s.name]
-        out[s.name] = {"u": u if qa is None else qa @ u, "w": w if qg is None else qg @ w}
+        u, w = (u if qa is None else qa @ u), (w if qg is None else qg @ w)
+        out[s.name] = {"v_layer": u @ jnp.swapaxes(w, 1, 2)} if s.name in expand else \
+            {"u": u, "w": w}
     return out
+
+
+def expanded_low_rank_layers(specs: tuple[LayerSpec, ...], positions: dict[str, int], rank: int,
+                             num_queries: int, granularity: str) -> tuple[str, ...]:
+    """Layers whose rank-``rank`` query factors are cheaper to expand once per query block and
+    score at full rank than to score factored, given ``positions`` per training example.
+
+    Per training example and layer: factored ``Q T r (in + out)``; expanded ``Q in out`` plus the
+    per-example gradient ``T in out`` (sequence scores) or ``Q T in out`` (token scores).
+    """
+    chosen = []
+    for s in specs:
+        if not keeps_low_rank(s, rank):
+            continue
+        t = positions.get(s.name, 1)
+        r = min(rank, s.in_dim, s.out_dim)
+        factored = num_queries * t * r * (s.in_dim + s.out_dim)
+        expanded = (num_queries * t if granularity == "token" else num_queries + t) * \
+            s.in_dim * s.out_dim
+        if expanded < factored:
+            chosen.append(s.name)
+    return tuple(chosen)
 
 
 def token_map(calls: tuple[int, ...], length: int, name: str) -> np.ndarray:
@@ -261,7 +319,9 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
                       mesh: jax.sharding.Mesh | None = None,
                       max_gradient_bytes: int = 2**28, granularity: str = "sequence",
                       query_rank: int | None = None,
-                      layer_coordinates: tuple[str, ...] = ()) -> ScoreSteps:
+                      layer_coordinates: tuple[str, ...] = (),
+                      compute_dtype: Any = None,
+                      expand_low_rank: tuple[str, ...] = ()) -> ScoreSteps:
     """Compiled query, pairwise and self-influence steps for one model, loss and curvature block.
 
     Hold the result and pass ``steps=`` to :func:`pairwise_scores` / :func:`self_scores` to score
@@ -269,15 +329,23 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
     :func:`pairwise_scores`. ``layer_coordinates`` names layers whose preconditioned queries are
     rotated back into the layer's own coordinates once (so training gradients of those layers are
     not rotated): cheaper when the training side has many more positions than there are queries
-    (:func:`back_rotated_layers` chooses).
+    (:func:`back_rotated_layers` chooses). ``compute_dtype`` (e.g. ``jnp.bfloat16``): the model's
+    forward and backward passes on queries and training examples run in it; the captured ``a``,
+    ``g`` are cast to float32 before scoring (:func:`tda_jax.capture.layer_statistics`).
+    ``expand_low_rank`` (with ``query_rank``) names layers whose rank-r query factors are expanded
+    to ``u w^T`` once per query block and scored at full rank (:func:`expanded_low_rank_layers`
+    chooses); the other low-rank layers are scored in factored form, or expanded per batch where
+    that is cheaper for the batch's shape.
     """
     block = get_block(strategy)
+    compute_dtype = check_compute_dtype(compute_dtype)
     loss = None if loss is None else check_loss(loss)
     check_granularity(granularity)
     by_name = {s.name: s for s in specs}
-    unknown = sorted(set(layer_coordinates) - set(by_name))
+    unknown = sorted((set(layer_coordinates) | set(expand_low_rank)) - set(by_name))
     if unknown:
-        raise ValueError(f"layer_coordinates names layers {unknown} that are not scored.")
+        raise ValueError(f"layer_coordinates / expand_low_rank name layers {unknown} that are not "
+                         "scored.")
     if query_rank is not None and (int(query_rank) != query_rank or query_rank < 1):
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}.")
     mesh = default_mesh() if mesh is None else mesh
@@ -290,7 +358,8 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
         return loss_cotangents(loss.per_example, batch["targets"], batch["mask"])
 
     def capture(params, batch, cot):
-        return layer_statistics(apply_fn, params, batch["inputs"], cot, batch.get("input_mask"))
+        return layer_statistics(apply_fn, params, batch["inputs"], cot, batch.get("input_mask"),
+                                compute_dtype)
 
     def query(params, factors, batch):
         if measurement is None:
@@ -309,7 +378,7 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
                     v = precond[name] if qa is None else qa @ precond[name]
                     precond[name] = v if qg is None else v @ jnp.swapaxes(qg, 0, 1)
         if query_rank is not None:
-            precond = _low_rank(block, specs, factors, precond, int(query_rank))
+            precond = _low_rank(block, specs, factors, precond, int(query_rank), expand_low_rank)
         values = jnp.where(batch["mask"] > 0, measurement(outputs, batch["targets"]), 0.0)
         bad = nonfinite_count(outputs, values, cot(outputs))
         return precond, bad
@@ -323,6 +392,12 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
             layer_query = precond[s.name]
             if s.name in layer_coordinates:  # queries were rotated back: raw training side
                 x, y = captured.a[s.name], captured.g[s.name][0]
+            if query_rank is not None and "v_layer" in layer_query:  # expanded u w^T
+                x, y = captured.a[s.name], captured.g[s.name][0]
+                per_layer[s.name] = (_position_scores(layer_query["v_layer"], x, y) if per_position
+                                     else _layer_scores(layer_query["v_layer"], x, y,
+                                                        max_gradient_bytes))
+                continue
             if query_rank is not None and "v" in layer_query:  # kept at full rank
                 per_layer[s.name] = (_position_scores(layer_query["v"], x, y) if per_position else
                                      _layer_scores(layer_query["v"], x, y, max_gradient_bytes))
@@ -369,6 +444,7 @@ def build_score_steps(apply_fn: ApplyFn, strategy: str, specs: tuple[LayerSpec, 
     sharded_self = jax.shard_map(self_influence, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
                                  out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)
     tag = f"{block.name}:{granularity}" + ("" if query_rank is None else f":r{query_rank}")
+    tag += "" if compute_dtype is None else f":{compute_dtype}"
     return ScoreSteps(CompiledStep(query, name=f"{tag}:query"),
                       CompiledStep(sharded_pairwise, name=f"{tag}:pairwise"),
                       CompiledStep(sharded_self, name=f"{tag}:self"))
@@ -424,7 +500,8 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
                     mesh: jax.sharding.Mesh | None = None, max_gradient_bytes: int = 2**28,
                     max_query_bytes: int = 2**28, steps: ScoreSteps | None = None,
                     store: str | os.PathLike | ArrayStore | None = None,
-                    store_chunk_batches: int = 16) -> np.ndarray | ArrayStore:
+                    store_chunk_batches: int = 16,
+                    compute_dtype: Any = None, trim_padding: bool = False) -> np.ndarray | ArrayStore:
     """Influence of every training example (or token, or layer) on every query.
 
     Args:
@@ -464,14 +541,29 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
       store_chunk_batches: training batches per stored chunk (a chunk is one query super-block x
         ``store_chunk_batches * train_batch_size`` training examples); a kill loses at most one
         chunk's work.
+      compute_dtype: e.g. ``jnp.bfloat16``: forward and backward passes (queries and training
+        examples) in this dtype, the captured activations and output gradients cast to float32
+        before they are preconditioned and contracted; None: the parameters' dtype. Usually the
+        one the curvature was fitted with (``fit_curvature(..., compute_dtype=...)``). ``steps``
+        must have been built with the same one.
+      trim_padding: sequence data only (needs ``input_mask`` on both datasets): training examples
+        (and queries) are batched by real length and each batch's trailing padding is cut to a
+        multiple of 8 positions (:func:`tda_jax.curvature.fit.trimmed_batches`), so padded positions
+        cost nothing; scores come back in dataset order, token scores padded back to ``T`` (0 at
+        padding). Exact up to float reassociation only for models whose outputs at real positions
+        do not depend on trailing padding (causal or padding-masked, e.g.
+        :class:`tda_jax.models.TransformerLM`) and losses / measurements that ignore padded targets
+        (``-1``; a target after a sequence's last real token is refused). Off by default.
 
     Returns:
-      float32 scores ``[num_queries, num_train]`` (``[..., T]`` / ``[..., L]`` by granularity; sign
+      float32 scores ``[num_queries, num_train]``  (``[..., T]`` / ``[..., L]`` by granularity; sign
       convention in the module docstring); with ``store``, the complete :class:`ArrayStore` holding
       them (``np.asarray(store)`` or ``store.read(rows=..., cols=...)`` to load any block).
     """
     loss = check_loss(loss)
     check_granularity(granularity)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    queries, train = as_dataset(queries, "queries"), as_dataset(train, "train")
     _check_inputs(apply_fn, params, curvature, queries, "query", target_kind_of(measurement))
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
     mesh = default_mesh() if mesh is None else mesh
@@ -482,34 +574,66 @@ def pairwise_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, que
             store, apply_fn, params, curvature, queries, train, loss=loss, measurement=measurement,
             granularity=granularity, query_rank=query_rank, query_batch_size=query_batch_size,
             train_batch_size=train_batch_size, mesh=mesh, max_gradient_bytes=max_gradient_bytes,
-            max_query_bytes=max_query_bytes, steps=steps, chunk_batches=store_chunk_batches)
+            max_query_bytes=max_query_bytes, steps=steps, chunk_batches=store_chunk_batches,
+            compute_dtype=compute_dtype, trim_padding=trim_padding)
+    lengths = real_lengths(train, "train") if trim_padding else None
+    if trim_padding:
+        real_lengths(queries, "queries")  # checked before anything is computed
     if steps is None:
         steps = _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement,
-                                mesh, max_gradient_bytes, granularity, query_rank)
+                                mesh, max_gradient_bytes, granularity, query_rank, compute_dtype,
+                                _trimmed_fraction(lengths, train_batch_size,
+                                                  int(np.shape(train.inputs)[-1])))
     block, super_block = _query_plan(curvature, num_q, query_batch_size, max_query_bytes,
                                      query_rank)
     params, factors = put_replicated((params, curvature.factors), mesh)
     sharding = data_sharding(mesh)
-    scores = np.zeros((num_q, num_t, *_score_shape(granularity, curvature, train)), np.float32)
+    shape = _score_shape(granularity, curvature, train)
+    scores = np.zeros((num_q, num_t, *shape), np.float32)
     num_batches = -(-num_t // train_batch_size)
     # One bar for the whole call: every super-block passes over every training batch.
     bar = progress_bar(-(-num_q // super_block) * num_batches, desc="pairwise scores")
     for q0 in range(0, num_q, super_block):
         q1 = min(q0 + super_block, num_q)
         precond = _preconditioned_queries(steps.query, params, factors, queries, q0, q1, block,
-                                          super_block, mesh)
+                                          super_block, mesh, trim_padding)
         values, first_bad = [], None
-        for number, batch in enumerate(batch_iterator(train, train_batch_size)):
+        order, batches = trimmed_batches(train, train_batch_size, trim_padding, "train",
+                                         lengths=lengths)
+        for number, batch in enumerate(batches):
             batch_scores, bad = steps.pairwise(params, factors, precond,
                                                put_global(batch, sharding))
-            values.append(batch_scores)
+            values.append(_pad_positions(batch_scores, granularity, shape))
             first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
                                         bad, number)
             bar.update(1)
-        raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs")
-        scores[q0:q1] = to_host(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
+        raise_if_nonfinite(first_bad, train_batch_size, num_t, "training outputs", order)
+        computed = to_host(jnp.concatenate(values, axis=1))[: q1 - q0, :num_t]
+        if order is None:
+            scores[q0:q1] = computed
+        else:  # batches came sorted by length: back to dataset order
+            scores[q0:q1, order] = computed
     bar.close()
     return scores
+
+
+def _pad_positions(values: Array, granularity: str, shape: tuple[int, ...]) -> Array:
+    """Token scores of a padding-trimmed batch ``[..., B, L]`` padded back to ``[..., B, T]``
+    (trimmed positions are padding: their scores are 0)."""
+    if granularity != "token" or values.shape[-1] == shape[0]:
+        return values
+    return jnp.pad(values, ((0, 0),) * (values.ndim - 1) + ((0, shape[0] - values.shape[-1]),))
+
+
+def _trimmed_fraction(lengths: np.ndarray | None, batch_size: int, full: int) -> float:
+    """Mean positions per example left by :func:`tda_jax.curvature.fit.trimmed_batches`, as a
+    fraction of the full length ``full`` (1 without trimming; used to estimate the work)."""
+    if lengths is None or not len(lengths):
+        return 1.0
+    ordered = np.sort(lengths)
+    kept = sum(min(full, max(TRIM_MULTIPLE, -(-int(part.max()) // TRIM_MULTIPLE) * TRIM_MULTIPLE))
+               * len(part) for part in np.split(ordered, range(batch_size, len(ordered), batch_size)))
+    return kept / (len(ordered) * full)
 
 
 def measurement_name(measurement: MeasurementFn) -> str:
@@ -527,15 +651,15 @@ def _data_fingerprint(dataset: Dataset) -> str:
 
 def score_arguments(params: Params, curvature: Curvature, queries: Dataset, train: Dataset, *,
                     loss: Loss, measurement: MeasurementFn, granularity: str = "sequence",
-                    query_rank: int | None = None) -> dict[str, Any]:
+                    query_rank: int | None = None, compute_dtype: Any = None) -> dict[str, Any]:
     """What a stored pairwise score matrix is tied to (recorded in, and checked against, its store).
 
     The curvature's settings (which pin the data and parameters it was fitted on) and a fingerprint
     of its factors, the scored parameters, both datasets, the loss and measurement names,
-    granularity and ``query_rank``. Batch sizes, memory budgets and meshes are left out: they do
-    not change the scores beyond float reassociation.
+    granularity and ``query_rank`` (and ``compute_dtype`` when set). Batch sizes, memory budgets
+    and meshes are left out: they do not change the scores beyond float reassociation.
     """
-    return {
+    arguments = {
         "scores": "pairwise",
         "curvature": curvature.settings,
         "curvature_fingerprint": fingerprint(curvature.factors),
@@ -547,24 +671,28 @@ def score_arguments(params: Params, curvature: Curvature, queries: Dataset, trai
         "granularity": granularity,
         "query_rank": None if query_rank is None else int(query_rank),
     }
+    compute_dtype = check_compute_dtype(compute_dtype)
+    if compute_dtype is not None:  # recorded only when set: stores of earlier runs stay valid
+        arguments["compute_dtype"] = compute_dtype
+    return arguments
 
 
-def _score_store(store, shape: tuple[int, ...], arguments: dict, chunks: tuple[int, int]
-                 ) -> ArrayStore:
+def _score_store(store, shape: tuple[int, ...], arguments: dict, chunks: tuple[int, ...],
+                 what: str = "pairwise scores need float32 {shape} chunked over (queries, training "
+                             "examples)") -> ArrayStore:
     """The store to fill: an existing one with these arguments (its own chunk layout), or new."""
     if isinstance(store, ArrayStore):
         store.check_arguments(arguments)
-        if store.shape != shape or store.dtype != np.float32 or len(store.chunks) != 2:
+        if store.shape != shape or store.dtype != np.float32 or len(store.chunks) != len(chunks):
             raise ValueError(f"store {store.path} holds {store.dtype} {store.shape} chunked over "
-                             f"{len(store.chunks)} axes; pairwise scores need float32 {shape} "
-                             "chunked over (queries, training examples).")
+                             f"{len(store.chunks)} axes; " + what.format(shape=shape) + ".")
         if not store.writable and not store.complete:
             raise ValueError(f"store {store.path} is read-only and incomplete; open it with "
                              "ArrayStore.open(path, mode='r+').")
         return store
     if ArrayStore.exists(store):
         existing = ArrayStore.open(store)
-        if len(existing.chunks) == 2:  # resume in the layout it was started with
+        if len(existing.chunks) == len(chunks):  # resume in the layout it was started with
             chunks = existing.chunks
         existing.close()
     return ArrayStore.create(store, shape, "float32", chunks, arguments)
@@ -572,7 +700,8 @@ def _score_store(store, shape: tuple[int, ...], arguments: dict, chunks: tuple[i
 
 def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, loss, measurement,
                          granularity, query_rank, query_batch_size, train_batch_size, mesh,
-                         max_gradient_bytes, max_query_bytes, steps, chunk_batches) -> ArrayStore:
+                         max_gradient_bytes, max_query_bytes, steps, chunk_batches,
+                         compute_dtype=None, trim_padding=False) -> ArrayStore:
     """:func:`pairwise_scores` written chunk by chunk into an :class:`ArrayStore`."""
     if int(chunk_batches) != chunk_batches or chunk_batches < 1:
         raise ValueError(f"store_chunk_batches must be a positive integer, got {chunk_batches!r}.")
@@ -582,7 +711,7 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
     shape = (num_q, num_t, *_score_shape(granularity, curvature, train))
     arguments = score_arguments(params, curvature, queries, train, loss=loss,
                                 measurement=measurement, granularity=granularity,
-                                query_rank=query_rank)
+                                query_rank=query_rank, compute_dtype=compute_dtype)
     layout = (super_block, min(int(chunk_batches) * train_batch_size, num_t))
     given = store
     # Process 0 alone creates or checks the store; the others open it once it is there.
@@ -594,9 +723,14 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
     missing = store.missing_chunks()
     if not missing:
         return store
+    lengths = real_lengths(train, "train") if trim_padding else None
+    if trim_padding:
+        real_lengths(queries, "queries")
     if steps is None:
         steps = _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement,
-                                mesh, max_gradient_bytes, granularity, query_rank)
+                                mesh, max_gradient_bytes, granularity, query_rank, compute_dtype,
+                                _trimmed_fraction(lengths, train_batch_size,
+                                                  int(np.shape(train.inputs)[-1])))
     super_block = store.chunks[0]
     block = min(block, super_block)
     params, factors = put_replicated((params, curvature.factors), mesh)
@@ -608,21 +742,22 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
         rows, cols = store.chunk_region(chunk)
         if precond_row != chunk[0]:  # missing chunks come row by row: one super-block at a time
             precond = _preconditioned_queries(steps.query, params, factors, queries, rows.start,
-                                              rows.stop, block, super_block, mesh)
+                                              rows.stop, block, super_block, mesh, trim_padding)
             precond_row = chunk[0]
-        part = subset(train, np.arange(cols.start, cols.stop))
-        values, first_bad = [], None
-        for number, batch in enumerate(batch_iterator(part, train_batch_size)):
+        values, first_bad = [], None  # the chunk's rows, read one batch at a time
+        order, batches = trimmed_batches(train, train_batch_size, trim_padding, "train",
+                                         rows=np.arange(cols.start, cols.stop), lengths=lengths)
+        for number, batch in enumerate(batches):
             batch_scores, bad = steps.pairwise(params, factors, precond,
                                                put_global(batch, sharding))
-            values.append(batch_scores)
+            values.append(_pad_positions(batch_scores, granularity, shape[2:]))
             first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
                                         bad, number)
             bar.update(1)
         # Write the previous chunk only now, so the device works on this one meanwhile.
         if pending is not None:
             _write_score_chunk(store, *pending, train_batch_size)
-        pending = (chunk, rows, cols, values, first_bad)
+        pending = (chunk, rows, cols, values, first_bad, order)
     _write_score_chunk(store, *pending, train_batch_size)
     bar.close()
     if is_distributed():
@@ -633,53 +768,91 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
 
 
 def _write_score_chunk(store: ArrayStore, chunk, rows: slice, cols: slice, values, first_bad,
-                       train_batch_size: int) -> None:
+                       order, train_batch_size: int) -> None:
     first = int(first_bad_batch(first_bad))
     if first >= 0:
         lo = cols.start + first * train_batch_size
+        held = f"{lo}..{min(lo + train_batch_size, cols.stop) - 1}" if order is None else str(
+            sorted(cols.start + int(i) for i in
+                   order[first * train_batch_size:(first + 1) * train_batch_size]))
         raise FloatingPointError(
-            f"non-finite training outputs in the batch holding examples {lo}.."
-            f"{min(lo + train_batch_size, cols.stop) - 1}; check the data (NaN/inf inputs, "
-            "out-of-range targets) and the parameters.")
+            f"non-finite training outputs in the batch holding examples {held}; check the data "
+            "(NaN/inf inputs, out-of-range targets) and the parameters.")
     scores = to_host(jnp.concatenate(values, axis=1))  # gathered on every process
+    scores = scores[: rows.stop - rows.start, : cols.stop - cols.start]
+    if order is not None:  # the chunk's columns came sorted by length
+        scores = scores[:, np.argsort(order)]
     if is_main_process():
-        store.write_chunk(chunk, scores[: rows.stop - rows.start, : cols.stop - cols.start])
+        store.write_chunk(chunk, scores)
 
 
 def _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement, mesh,
-                    max_gradient_bytes, granularity, query_rank) -> ScoreSteps:
-    """The score steps :func:`pairwise_scores` builds when not given ``steps``."""
+                    max_gradient_bytes, granularity, query_rank, compute_dtype=None,
+                    trimmed: float = 1.0) -> ScoreSteps:
+    """The score steps :func:`pairwise_scores` builds when not given ``steps`` (``trimmed``: the
+    fraction of positions left by ``trim_padding``, for the choice of back-rotated layers)."""
+    positions = {k: max(1, round(v * trimmed))
+                 for k, v in layer_positions(apply_fn, params, train).items()}
+    expand = () if query_rank is None else expanded_low_rank_layers(
+        curvature.specs, positions, int(query_rank), num_examples(queries), granularity)
     return build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss,
                              measurement=measurement, mesh=mesh,
                              max_gradient_bytes=max_gradient_bytes, granularity=granularity,
-                             query_rank=query_rank,
+                             query_rank=query_rank, expand_low_rank=expand,
                              layer_coordinates=back_rotated_layers(
-                                 curvature.specs, layer_positions(apply_fn, params, train),
-                                 num_examples(queries), num_examples(train)))
+                                 curvature.specs, positions,
+                                 num_examples(queries), num_examples(train)),
+                             compute_dtype=compute_dtype)
+
+
+def pairwise_score_steps(apply_fn: ApplyFn, params: Params, curvature: Curvature,
+                         queries: Dataset, train: Dataset, *, loss: Loss,
+                         measurement: MeasurementFn, granularity: str = "sequence",
+                         query_rank: int | None = None, train_batch_size: int = 256,
+                         trim_padding: bool = False, mesh: jax.sharding.Mesh | None = None,
+                         max_gradient_bytes: int = 2**28, compute_dtype: Any = None) -> ScoreSteps:
+    """The steps :func:`pairwise_scores` builds for these arguments (back-rotated and expanded
+    layers chosen for these data); hold them and pass ``steps=`` to score again without tracing."""
+    loss = check_loss(loss)
+    mesh = default_mesh() if mesh is None else mesh
+    lengths = real_lengths(train, "train") if trim_padding else None
+    return _pairwise_steps(apply_fn, params, curvature, queries, train, loss, measurement, mesh,
+                           max_gradient_bytes, granularity, query_rank,
+                           check_compute_dtype(compute_dtype),
+                           _trimmed_fraction(lengths, round_batch_size(train_batch_size, mesh),
+                                             int(np.shape(train.inputs)[-1])))
 
 
 def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super_block,
-                            mesh=None):
+                            mesh=None, trim_padding=False):
     """Preconditioned query gradients of queries ``q0..q1`` padded to ``super_block`` rows,
-    replicated on ``mesh`` (computed on every device of it; queries are few)."""
+    replicated on ``mesh`` (computed on every device of it; queries are few). With
+    ``trim_padding`` the queries are batched by length with trailing padding cut
+    (:func:`tda_jax.curvature.fit.trimmed_batches`) and put back in order."""
     part = subset(queries, np.arange(q0, q1))
     chunks, first_bad = [], jnp.int32(-1)
-    for number, batch in enumerate(batch_iterator(part, block)):
+    order, batches = trimmed_batches(part, block, trim_padding, "queries")
+    for number, batch in enumerate(batches):
         # Across processes the (small) query batch is put on every device of the global mesh.
         batch = put_replicated(batch, mesh) if mesh is not None and is_distributed() \
             else jax.device_put(batch)
-        grads, bad = step(params, factors, batch)
+        with lapack_threads(0):  # query_rank's small eigh: one LAPACK thread (see there)
+            grads, bad = jax.block_until_ready(step(params, factors, batch))
         chunks.append(grads)
         first_bad = track_first_bad(first_bad, bad, number)
     if int(first_bad) >= 0:
         lo = q0 + int(first_bad) * block
+        held = f"{lo}..{min(lo + block, q1) - 1}" if order is None else str(sorted(
+            q0 + int(i) for i in order[int(first_bad) * block:(int(first_bad) + 1) * block]))
         raise FloatingPointError(
             f"non-finite model outputs or measurement on the query batch holding examples "
-            f"{lo}..{min(lo + block, q1) - 1}; check the query data and targets.")
+            f"{held}; check the query data and targets.")
     pad = super_block - (q1 - q0)
+    back = None if order is None else jnp.asarray(np.argsort(order))
 
     def stack(*parts):
         value = jnp.concatenate(parts)[: q1 - q0]
+        value = value if back is None else value[back]
         return value if pad <= 0 else jnp.pad(value, ((0, pad),) + ((0, 0),) * (value.ndim - 1))
 
     stacked = jax.tree.map(stack, *chunks)
@@ -689,37 +862,64 @@ def _preconditioned_queries(step, params, factors, queries, q0, q1, block, super
 def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: Dataset, *,
                 loss: Loss, granularity: str = "sequence", batch_size: int = 256,
                 mesh: jax.sharding.Mesh | None = None,
-                steps: ScoreSteps | None = None) -> np.ndarray:
+                steps: ScoreSteps | None = None,
+                store: str | os.PathLike | ArrayStore | None = None,
+                store_chunk_batches: int = 16,
+                compute_dtype: Any = None, trim_padding: bool = False) -> np.ndarray | ArrayStore:
     """Self-influence ``grad loss_i^T (F + damping)^{-1} grad loss_i`` of each training example.
 
     With ``granularity="token"`` (``"module"``) it is split into the contribution of each input
     token (layer): ``<a_t g_t^T, (F + damping)^-1 DW_i>`` summed over the layer's positions at that
-    token; the parts sum to the sequence value.
+    token; the parts sum to the sequence value. ``compute_dtype`` and ``trim_padding`` (in-memory
+    results only, not with ``store=``) are as in :func:`pairwise_scores`.
+
+    ``train`` may be memory-mapped or a random-access record source (read one batch at a time).
+    With ``store=`` (a directory or a writable :class:`tda_jax.io.ArrayStore`) the values go to
+    disk in chunks of ``store_chunk_batches * batch_size`` training examples, each written and
+    recorded once complete, as for :func:`pairwise_scores`: a killed run loses at most the chunk in
+    flight, a rerun computes only the missing chunks, and a store holding finished chunks made
+    from other arguments (:func:`self_score_arguments`) is refused.
 
     Returns:
       ``[num_train]`` float32, non-negative (``[num_train, T]`` / ``[num_train, L]`` by
-      granularity; the parts may be negative).
+      granularity; the parts may be negative); with ``store``, the complete :class:`ArrayStore`.
     """
     loss = check_loss(loss)
     check_granularity(granularity)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    train = as_dataset(train, "train")
     _check_inputs(apply_fn, params, curvature, train, "train", loss.target_kind)
     mesh = default_mesh() if mesh is None else mesh
     batch_size = round_batch_size(batch_size, mesh)
     num_t = num_examples(train)
+    if steps is None and compute_dtype is not None:
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh,
+                                  granularity=granularity, compute_dtype=compute_dtype)
+    if store is not None and trim_padding:
+        raise ValueError("self_scores: trim_padding=True is not supported with store=; pass one.")
+    if store is not None:
+        return _self_into_store(store, apply_fn, params, curvature, train, loss=loss,
+                                granularity=granularity, batch_size=batch_size, mesh=mesh,
+                                steps=steps, chunk_batches=store_chunk_batches,
+                                compute_dtype=compute_dtype)
     if steps is None:
         steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh,
                                   granularity=granularity)
     params, factors = put_replicated((params, curvature.factors), mesh)
     sharding = data_sharding(mesh)
     values, first_bad = [], None
-    for number, batch in enumerate(progress(batch_iterator(train, batch_size), desc="self scores",
+    shape = _score_shape(granularity, curvature, train)
+    order, batches = trimmed_batches(train, batch_size, trim_padding, "train")
+    for number, batch in enumerate(progress(batches, desc="self scores",
                                             total=-(-num_t // batch_size))):
         batch_values, bad = steps.self(params, factors, put_global(batch, sharding))
-        values.append(batch_values)
+        values.append(_pad_positions(batch_values, granularity, shape))
         first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
                                     bad, number)
-    raise_if_nonfinite(first_bad, batch_size, num_t, "training outputs")
+    raise_if_nonfinite(first_bad, batch_size, num_t, "training outputs", order)
     out = to_host(jnp.concatenate(values))[:num_t]
+    if order is not None:  # batches came sorted by length: back to dataset order
+        out = out[np.argsort(order)]
     if not np.all(np.isfinite(out)):
         raise FloatingPointError("non-finite self-influence scores; check data and parameters.")
     return out
@@ -728,6 +928,7 @@ def self_scores(apply_fn: ApplyFn, params: Params, curvature: Curvature, train: 
 def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
                     measurement: MeasurementFn, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Per-query measurement gradients in matrix view: ``{layer: [num_queries, in, out]}``."""
+    queries = as_dataset(queries, "queries")
     specs = inspect_model(apply_fn, params, queries, "query", allow_untracked=True).specs
     identity = get_block("identity")
     step = build_score_steps(apply_fn, "identity", specs, loss=None, measurement=measurement).query
@@ -736,3 +937,91 @@ def query_gradients(apply_fn: ApplyFn, params: Params, queries: Dataset,
     grads = _preconditioned_queries(step, params, factors, queries, 0, num_q, batch_size, num_q)
     return {n: np.asarray(v) for n, v in grads.items()}
 
+
+def self_score_arguments(params: Params, curvature: Curvature, train: Dataset, *, loss: Loss,
+                         granularity: str = "sequence", compute_dtype: Any = None) -> dict[str, Any]:
+    """What a stored self-influence vector is tied to (as :func:`score_arguments` for pairwise
+    scores): the curvature's settings and factors, the parameters, the training data, the loss and
+    the granularity (and ``compute_dtype`` when set); batch sizes and meshes are left out."""
+    arguments = {
+        "scores": "self",
+        "curvature": curvature.settings,
+        "curvature_fingerprint": fingerprint(curvature.factors),
+        "params_fingerprint": fingerprint(params),
+        "train_fingerprint": _data_fingerprint(train),
+        "loss": loss.name,
+        "granularity": granularity,
+    }
+    compute_dtype = check_compute_dtype(compute_dtype)
+    if compute_dtype is not None:
+        arguments["compute_dtype"] = compute_dtype
+    return arguments
+
+
+def _self_into_store(store, apply_fn, params, curvature, train, *, loss, granularity, batch_size,
+                     mesh, steps, chunk_batches, compute_dtype=None) -> ArrayStore:
+    """:func:`self_scores` written chunk by chunk (rows of training examples) into an
+    :class:`ArrayStore`; process 0 alone writes, as in :func:`pairwise_scores`."""
+    if int(chunk_batches) != chunk_batches or chunk_batches < 1:
+        raise ValueError(f"store_chunk_batches must be a positive integer, got {chunk_batches!r}.")
+    num_t = num_examples(train)
+    shape = (num_t, *_score_shape(granularity, curvature, train))
+    arguments = self_score_arguments(params, curvature, train, loss=loss, granularity=granularity,
+                                     compute_dtype=compute_dtype)
+    layout = (min(int(chunk_batches) * batch_size, num_t),)
+    given = store
+    store = run_on_main(lambda: _score_store(given, shape, arguments, layout,
+                                             "self-influence scores need float32 {shape} chunked "
+                                             "over training examples"),
+                        f"opening the score store {getattr(given, 'path', given)}")
+    if store is None:
+        store = given if isinstance(given, ArrayStore) else ArrayStore.open(given)
+        store.refresh()
+    missing = store.missing_chunks()
+    if not missing:
+        return store
+    if steps is None:
+        steps = build_score_steps(apply_fn, curvature.strategy, curvature.specs, loss=loss, mesh=mesh,
+                                  granularity=granularity, compute_dtype=compute_dtype)
+    params, factors = put_replicated((params, curvature.factors), mesh)
+    sharding = data_sharding(mesh)
+    regions = [store.chunk_region(chunk)[0] for chunk in missing]
+    bar = progress_bar(sum(-(-(r.stop - r.start) // batch_size) for r in regions),
+                       desc="self scores")
+    pending = None
+    for chunk, rows in zip(missing, regions):
+        values, first_bad = [], None
+        for number, batch in enumerate(batches_in_order(train, np.arange(rows.start, rows.stop),
+                                                        batch_size)):
+            batch_values, bad = steps.self(params, factors, put_global(batch, sharding))
+            values.append(batch_values)
+            first_bad = track_first_bad(start_first_bad(bad) if first_bad is None else first_bad,
+                                        bad, number)
+            bar.update(1)
+        if pending is not None:  # written only now, so the device works on this chunk meanwhile
+            _write_self_chunk(store, *pending, batch_size)
+        pending = (chunk, rows, values, first_bad)
+    _write_self_chunk(store, *pending, batch_size)
+    bar.close()
+    if is_distributed():
+        barrier(f"score store {store.path} written")
+        if not is_main_process():
+            store.refresh()
+    return store
+
+
+def _write_self_chunk(store: ArrayStore, chunk, rows: slice, values, first_bad,
+                      batch_size: int) -> None:
+    first = int(first_bad_batch(first_bad))
+    if first >= 0:
+        lo = rows.start + first * batch_size
+        raise FloatingPointError(
+            f"non-finite training outputs in the batch holding examples {lo}.."
+            f"{min(lo + batch_size, rows.stop) - 1}; check the data (NaN/inf inputs, out-of-range "
+            "targets) and the parameters.")
+    out = to_host(jnp.concatenate(values))[: rows.stop - rows.start]  # gathered on every process
+    if not np.all(np.isfinite(out)):
+        raise FloatingPointError(f"non-finite self-influence scores for examples {rows.start}.."
+                                 f"{rows.stop - 1}; check data and parameters.")
+    if is_main_process():
+        store.write_chunk(chunk, out)

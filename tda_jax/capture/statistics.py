@@ -14,6 +14,7 @@ loss Hessian's square root it gives the GGN / expected Fisher (``K = C``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -105,6 +106,7 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
                          f"{cotangents.shape}.")
     (g_by_call,) = jax.vmap(vjp_fn)(cotangents.astype(dtype))
     if compute_dtype is not None:
+        _warn_if_not_in(compute_dtype, call_inputs, specs, transposed)
         g_by_call = {k: v.astype(jnp.float32) for k, v in g_by_call.items()}
         call_inputs = jax.tree.map(lambda v: _cast_floating(v, jnp.float32), call_inputs)
     batch, num_k = outputs.shape[0], cotangents.shape[0]
@@ -135,6 +137,50 @@ def layer_statistics(apply_fn: ApplyFn, params: Params, inputs: Any,
         g[name] = jnp.concatenate(g_parts, axis=2)
         masks[name] = jnp.concatenate(m_parts, axis=1)
     return Captured(outputs, a, g, masks, specs, call_positions)
+
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _warn_if_not_in(compute_dtype: Any, call_inputs: dict[str, list[Array]],
+                    specs: dict[str, LayerSpec], transposed: dict[str, list[bool]]) -> None:
+    """Warns (at trace time) about tracked layers whose inputs are not in ``compute_dtype``: the
+    model fixes its own computation dtype (e.g. a Flax module built with ``dtype=jnp.float32``
+    casts the low-precision parameters back), so ``compute_dtype`` only rounds the parameters.
+    An embedding lookup's input (a one-hot row, exact in any dtype) is left out."""
+    wanted = jnp.dtype(compute_dtype)
+    other = sorted(name for name, xs in call_inputs.items()
+                   if any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != wanted
+                          and (specs[name].kind != "embed" or is_transposed)
+                          for x, is_transposed in zip(xs, transposed[name])))
+    if other:
+        warnings.warn(f"compute_dtype={wanted.name}: the inputs of layers {other[:4]}"
+                      f"{' ...' if len(other) > 4 else ''} are not {wanted.name}, so the model "
+                      "computes them in another dtype (a Flax module built with dtype=jnp.float32 "
+                      "casts the parameters back); build the model with dtype=None (or the same "
+                      "dtype) for low-precision capture.", stacklevel=3)
+
+
+def check_compute_dtype(compute_dtype: Any) -> str | None:
+    """``None`` or the name of a dtype for the forward and backward passes of capture.
+
+    Accepts ``jnp.bfloat16``, ``"bfloat16"``, ``np.float32``, ... (one of :data:`COMPUTE_DTYPES`).
+
+    Raises:
+      TypeError: not a dtype; ValueError: a dtype that is not one of :data:`COMPUTE_DTYPES`.
+    """
+    if compute_dtype is None:
+        return None
+    try:
+        name = jnp.dtype(compute_dtype).name
+    except (TypeError, ValueError):
+        raise TypeError(f"compute_dtype must be None or one of {COMPUTE_DTYPES} (e.g. "
+                        f"jnp.bfloat16), got {compute_dtype!r}.") from None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES} (e.g. "
+                         f"jnp.bfloat16), got {name}; statistics are accumulated in float32 and "
+                         "eigendecompositions use eigh_dtype whatever it is.")
+    return name
 
 
 def _cast_floating(value: Any, dtype: Any) -> Any:

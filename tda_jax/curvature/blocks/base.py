@@ -97,6 +97,29 @@ def default_damping(mean_eigenvalue: float, damping: float | None) -> float:
     return float(damping) if damping is not None else 0.1 * float(mean_eigenvalue)
 
 
+#: Matrices up to this size are factorised with one BLAS / LAPACK thread (see :func:`lapack_threads`).
+SMALL_LAPACK = 1024
+
+
+def lapack_threads(size: int):
+    """A context limiting host BLAS / LAPACK (OpenBLAS) to one thread for matrices of ``size`` up
+    to :data:`SMALL_LAPACK`, a no-op otherwise.
+
+    Small eigendecompositions gain nothing from threads, and OpenBLAS's spinning threads make them
+    many times slower (20x measured for 100 eigh of 129 x 129 with 2 threads on 2 busy cores) when
+    the cores are shared. Uses ``threadpoolctl`` (a scikit-learn dependency) when installed.
+    """
+    import contextlib
+
+    if size > SMALL_LAPACK:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def check_nonsingular(where: str, eigenvalues: np.ndarray, damping: float) -> None:
     """Raises if ``eigenvalues + damping`` is (numerically) singular in float32."""
     eigenvalues = np.asarray(eigenvalues, np.float64)
@@ -206,6 +229,11 @@ class LayerwiseBlock(CurvatureBlock):
     def layer_pass_inputs(self, pass_name: str, factors: dict[str, Any]) -> Any:
         return None
 
+    def layer_finalize_cost(self, pass_name: str, spec: LayerSpec) -> float:
+        """Relative cost of :meth:`layer_finalize` (``in x out``: elementwise work by default);
+        multi-process fits share the layers out by it (:func:`tda_jax.sharding.assign_by_cost`)."""
+        return float(spec.in_dim * spec.out_dim)
+
     def basis(self, factors: dict[str, Any]) -> tuple[Array | None, Array | None]:
         return None, None
 
@@ -221,15 +249,23 @@ class LayerwiseBlock(CurvatureBlock):
         return {s.name: self.layer_statistics(pass_name, a[s.name], g[s.name], mask[s.name],
                                               inputs[s.name]) for s in specs}
 
+    def finalize_layer(self, pass_name: str, spec: LayerSpec, stats: Any, count: float,
+                       factors: dict[str, Any], damping: float | None,
+                       eigh_dtype: str) -> dict[str, Any]:
+        """:meth:`layer_finalize` of one layer, checked for a singular preconditioner after the
+        last pass (the unit of work that multi-process fits assign to processes)."""
+        factors = self.layer_finalize(pass_name, spec, stats, count, factors, damping, eigh_dtype)
+        eig = self.eigenvalues(factors) if pass_name == self.passes[-1] else None
+        if eig is not None:  # once the layer's final eigenvalues are known
+            check_nonsingular(f"layer {spec.name!r} ({self.name})", np.asarray(eig),
+                              float(factors["damping"]))
+        return factors
+
     def finalize(self, pass_name, specs, stats, count, factors, damping, eigh_dtype):
         factors = dict(factors) if factors else {}
         for s in specs:
-            factors[s.name] = self.layer_finalize(pass_name, s, stats[s.name], count,
+            factors[s.name] = self.finalize_layer(pass_name, s, stats[s.name], count,
                                                   dict(factors.get(s.name, {})), damping, eigh_dtype)
-            eig = self.eigenvalues(factors[s.name]) if pass_name == self.passes[-1] else None
-            if eig is not None:  # once the layer's final eigenvalues are known
-                check_nonsingular(f"layer {s.name!r} ({self.name})", np.asarray(eig),
-                                  float(factors[s.name]["damping"]))
         return factors
 
     def _weights(self, factors: dict[str, Any]) -> Array | None:

@@ -16,6 +16,7 @@ import numpy as np
 from tda_jax.curvature.blocks.base import (
     LayerwiseBlock,
     default_damping,
+    lapack_threads,
     register_block,
 )
 
@@ -35,7 +36,9 @@ def covariance_sums(a, g, mask):
 
 def host_eigh(matrix: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of a symmetric host matrix, computed in ``dtype``."""
-    vals, vecs = np.linalg.eigh(np.asarray(matrix, dtype=dtype))
+    matrix = np.asarray(matrix, dtype=dtype)
+    with lapack_threads(matrix.shape[-1]):
+        vals, vecs = np.linalg.eigh(matrix)
     return np.clip(vals, 0.0, None).astype(np.float32), vecs.astype(np.float32)
 
 
@@ -56,6 +59,11 @@ class KFACBlock(LayerwiseBlock):
         return {"eigvecs_A": jnp.asarray(vecs_a), "eigvals_A": jnp.asarray(vals_a),
                 "eigvecs_G": jnp.asarray(vecs_g), "eigvals_G": jnp.asarray(vals_g),
                 "damping": jnp.float32(used)}
+
+    def layer_finalize_cost(self, pass_name, spec):
+        if pass_name == "covariance":  # two symmetric eigendecompositions, O(n^3) each
+            return float(spec.in_dim ** 3 + spec.out_dim ** 3)
+        return super().layer_finalize_cost(pass_name, spec)
 
     def basis(self, factors):
         return factors["eigvecs_A"], factors["eigvecs_G"]
