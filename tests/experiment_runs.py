@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,14 @@ def run_main(experiment: str, workdir: Path, config_arg: str = "tiny", *flags: s
     config = f"experiments/{experiment}/configs/default.py" + (f":{config_arg}" if config_arg else "")
     subprocess.run([sys.executable, "-m", f"experiments.{experiment}.main", f"--config={config}",
                     f"--workdir={workdir}", *flags], cwd=REPO, env=env, check=True, timeout=900)
+
+
+def run_tiny_results(experiment: str, tmp_path_factory) -> tuple[Path, dict]:
+    """:func:`run_main` of the tiny config in a fresh temporary work directory (for a
+    module-scoped fixture); returns the directory and its ``results.json``."""
+    workdir = tmp_path_factory.mktemp(experiment)
+    run_main(experiment, workdir)
+    return workdir, json.loads((workdir / "results.json").read_text())
 
 
 def config_with(get_config: Callable[[str], Any], arg: str = "tiny", **changes: Any) -> Any:

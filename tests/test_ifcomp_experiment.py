@@ -1,10 +1,9 @@
 """End-to-end test of experiments/ifcomp with its tiny configuration, and its config checks."""
 
-import json
 import math
 
 import pytest
-from experiment_runs import config_with, run_main
+from experiment_runs import config_with, run_tiny_results
 
 from experiments.ifcomp.configs.default import get_config
 from experiments.ifcomp.pipeline import run, validate_config
@@ -21,9 +20,7 @@ def _finite(*values):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ifcomp")
-    run_main("ifcomp", workdir)
-    return workdir, json.loads((workdir / "results.json").read_text())
+    return run_tiny_results("ifcomp", tmp_path_factory)
 
 
 @pytest.mark.slow

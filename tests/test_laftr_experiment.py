@@ -1,10 +1,9 @@
 """End-to-end test of experiments/laftr with its tiny configuration (the results.json contract)."""
 
-import json
 import math
 
 import pytest
-from experiment_runs import config_with, run_main
+from experiment_runs import config_with, run_tiny_results
 
 from experiments.laftr.configs.default import get_config
 from experiments.laftr.pipeline import run, validate_config
@@ -19,9 +18,7 @@ def _finite(*values):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("laftr")
-    run_main("laftr", workdir)
-    return workdir, json.loads((workdir / "results.json").read_text())
+    return run_tiny_results("laftr", tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -698,6 +698,18 @@ def _score_store(store, shape: tuple[int, ...], arguments: dict, chunks: tuple[i
     return ArrayStore.create(store, shape, "float32", chunks, arguments)
 
 
+def _open_score_store(given, shape: tuple[int, ...], arguments: dict, chunks: tuple[int, ...],
+                      *what: str) -> ArrayStore:
+    """:func:`_score_store` on process 0 alone (it creates or checks the store); the other
+    processes open it once it is there."""
+    store = run_on_main(lambda: _score_store(given, shape, arguments, chunks, *what),
+                        f"opening the score store {getattr(given, 'path', given)}")
+    if store is None:
+        store = given if isinstance(given, ArrayStore) else ArrayStore.open(given)
+        store.refresh()
+    return store
+
+
 def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, loss, measurement,
                          granularity, query_rank, query_batch_size, train_batch_size, mesh,
                          max_gradient_bytes, max_query_bytes, steps, chunk_batches,
@@ -713,13 +725,7 @@ def _pairwise_into_store(store, apply_fn, params, curvature, queries, train, *, 
                                 measurement=measurement, granularity=granularity,
                                 query_rank=query_rank, compute_dtype=compute_dtype)
     layout = (super_block, min(int(chunk_batches) * train_batch_size, num_t))
-    given = store
-    # Process 0 alone creates or checks the store; the others open it once it is there.
-    store = run_on_main(lambda: _score_store(given, shape, arguments, layout),
-                        f"opening the score store {getattr(given, 'path', given)}")
-    if store is None:
-        store = given if isinstance(given, ArrayStore) else ArrayStore.open(given)
-        store.refresh()
+    store = _open_score_store(store, shape, arguments, layout)
     missing = store.missing_chunks()
     if not missing:
         return store
@@ -969,14 +975,9 @@ def _self_into_store(store, apply_fn, params, curvature, train, *, loss, granula
     arguments = self_score_arguments(params, curvature, train, loss=loss, granularity=granularity,
                                      compute_dtype=compute_dtype)
     layout = (min(int(chunk_batches) * batch_size, num_t),)
-    given = store
-    store = run_on_main(lambda: _score_store(given, shape, arguments, layout,
-                                             "self-influence scores need float32 {shape} chunked "
-                                             "over training examples"),
-                        f"opening the score store {getattr(given, 'path', given)}")
-    if store is None:
-        store = given if isinstance(given, ArrayStore) else ArrayStore.open(given)
-        store.refresh()
+    store = _open_score_store(store, shape, arguments, layout,
+                              "self-influence scores need float32 {shape} chunked over training "
+                              "examples")
     missing = store.missing_chunks()
     if not missing:
         return store
